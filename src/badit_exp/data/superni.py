@@ -1,0 +1,106 @@
+"""Reading natural-instructions task files, with errors that name the file and the problem.
+
+Format quirks handled (see the SuperNI README): ``output`` is a list of references in most
+tasks but a bare string in some; ``Definition`` is a list of one string (a bare string is
+accepted too); references may carry surrounding spaces (kept for scoring, stripped for the
+training target).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+
+class DataError(ValueError):
+    """A benchmark file is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str
+    input: str
+    outputs: tuple  # all references (best score over them at evaluation)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    definition: str
+    instances: tuple  # of Instance
+
+
+def resolve_task_names(names: Sequence[str], known: Sequence[str], key: str) -> List[str]:
+    """Map task ids (``591``, ``task591``) or full folder names to names in ``known``.
+
+    Raises DataError naming ``key`` for an unknown or ambiguous entry, and for duplicates.
+    """
+    out: List[str] = []
+    for raw in names:
+        s = str(raw)
+        if s in known:
+            out.append(s)
+            continue
+        prefix = s if s.startswith("task") else f"task{s}"
+        hits = [k for k in known if k == prefix or k.startswith(prefix + "_")]
+        if len(hits) != 1:
+            what = "matches no task" if not hits else f"is ambiguous ({hits})"
+            raise DataError(f"{key}: {raw!r} {what} in data.tasks={list(known)}; use a task id "
+                            "such as 591 or a full folder name listed in data.tasks.")
+        out.append(hits[0])
+    dups = sorted({t for t in out if out.count(t) > 1})
+    if dups:
+        raise DataError(f"{key} names {dups} more than once; each task must appear once.")
+    return out
+
+
+def _as_text(value, path: Path, what: str) -> str:
+    if isinstance(value, list) and len(value) >= 1 and all(isinstance(v, str) for v in value):
+        return value[0]
+    if isinstance(value, str):
+        return value
+    raise DataError(f"{path}: {what} must be a string or a list of strings, got {value!r:.80}")
+
+
+def load_task(root: str | Path, name: str, split: str, max_instances: int | None = None) -> Task:
+    """Load ``root/name/split.json``; keep the first ``max_instances`` instances (file order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root={str(root)!r} is not a directory (resolved from "
+                        f"{Path.cwd()}); point data.root at the benchmark folder.")
+    folder = root / name
+    if not folder.is_dir():
+        avail = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(f"unknown task {name!r}: no folder {folder}. Tasks under data.root: "
+                        f"{avail[:20]}{' ...' if len(avail) > 20 else ''}")
+    path = folder / f"{split}.json"
+    if not path.is_file():
+        raise DataError(f"{path} is missing (task {name!r} has no {split!r} split).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object with 'Definition' and 'Instances'.")
+    if "Definition" not in raw:
+        raise DataError(f"{path}: no 'Definition' field.")
+    definition = _as_text(raw["Definition"], path, "'Definition'").strip()
+    items = raw.get("Instances")
+    if not isinstance(items, list) or not items:
+        raise DataError(f"{path}: task {name!r} has no instances ('Instances' is missing or empty).")
+    instances = []
+    for i, it in enumerate(items[: max_instances or None]):
+        if not isinstance(it, dict) or "input" not in it:
+            raise DataError(f"{path}: instance #{i} has no 'input'.")
+        out = it.get("output")
+        refs = [out] if isinstance(out, str) else out
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs) \
+                or not any(r.strip() for r in refs):
+            raise DataError(f"{path}: instance #{i} (id {it.get('id', '?')!r}) has no output "
+                            f"(got {out!r:.60}).")
+        instances.append(Instance(id=str(it.get("id", f"{name}-{i}")), input=str(it["input"]),
+                                  outputs=tuple(refs)))
+    return Task(name=name, definition=definition, instances=tuple(instances))

@@ -1,0 +1,56 @@
+"""Per-prediction scores (SPEC section 1), 0-100, best over all references.
+
+* ``rougeL``: ROUGE-L F-measure of the ``rouge-score`` package with ``use_stemmer=True``.
+* ``exact_match``: equality after lower-casing, removing punctuation, collapsing whitespace.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from functools import lru_cache
+from typing import Dict, Iterable, List, Sequence
+
+from rouge_score import rouge_scorer
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+@lru_cache(maxsize=1)
+def _scorer() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def normalize(text: str) -> str:
+    return " ".join(_PUNCT.sub("", text.lower()).split())
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    sc = _scorer()
+    return 100.0 * max(sc.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    p = normalize(prediction)
+    return 100.0 * max(float(p == normalize(ref)) for ref in references)
+
+
+def score_one(prediction: str, references: Sequence[str]) -> Dict[str, float]:
+    return {"rougeL": rouge_l(prediction, references),
+            "exact_match": exact_match(prediction, references)}
+
+
+def aggregate(per_example: Iterable[Dict[str, float]]) -> Dict[str, float]:
+    rows: List[Dict[str, float]] = list(per_example)
+    if not rows:
+        return {"rougeL": float("nan"), "exact_match": float("nan")}
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("rougeL", "exact_match")}
+
+
+def summary_score(task: str, scores: Dict[str, float], summary_metric: str,
+                  exact_match_tasks: Sequence[str]) -> float:
+    """The per-task number that enters the matrix: rougeL, or exact match for the
+    Table-4 mapping's tasks."""
+    if summary_metric == "table4" and task in exact_match_tasks:
+        return scores["exact_match"]
+    return scores["rougeL"]

@@ -1,0 +1,98 @@
+"""What every adapter method provides to the training runner.
+
+The runner calls these hooks at fixed points; a method overrides only those it needs:
+
+* ``apply``: add the adapter to a freshly loaded base model (freeze the base).
+* ``on_stage_start`` / ``on_stage_end``: task boundaries in sequential mode (continual methods
+  grow branches, collect statistics, extend bases here). ``mixed`` is a single stage.
+* ``extra_loss``: a regulariser added to the cross-entropy (e.g. a balancing loss).
+* ``after_backward``: gradients are complete for this optimizer step (e.g. DOG regrouping).
+* ``after_optimizer_step``: e.g. projecting an update away from protected subspaces.
+* ``state_dict`` / ``load_state_dict``: everything a checkpoint must hold to resume, on top of
+  re-applying the method to the base model with the same seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import MISSING
+
+from badit_exp.config import ConfigError
+
+
+@dataclass
+class MethodConfig:
+    """Fields shared by every method."""
+
+    name: str = MISSING  # label used in run names and reports
+    kind: str = MISSING  # registered implementation
+    target_modules: List[str] = field(default_factory=lambda: ["gate_proj"])
+    rank: int = 4
+    alpha: float = 32.0
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ConfigError(f"method.rank={self.rank} must be > 0.")
+        if self.alpha <= 0:
+            raise ConfigError(f"method.alpha={self.alpha} must be > 0.")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"method.dropout={self.dropout} must be in [0, 1).")
+        if not self.target_modules:
+            raise ConfigError("method.target_modules is empty; name at least one module, "
+                              "e.g. [gate_proj].")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class Method:
+    """Base class with no-op hooks. Subclasses implement :meth:`apply`."""
+
+    kind: str = "?"
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+        self.run_dir = None  # set by the runner; where diagnostics go
+
+    # -- building ---------------------------------------------------------------------------
+    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def describe(self) -> Dict[str, Any]:
+        """Which variant runs, recorded in metrics.json."""
+        return {"kind": self.kind}
+
+    # -- training hooks ---------------------------------------------------------------------
+    def on_stage_start(self, model, stage_index: int, stage_name: str, train_batches) -> None:
+        pass
+
+    def on_stage_end(self, model, stage_index: int, stage_name: str, train_batches) -> None:
+        pass
+
+    def extra_loss(self, model, batch) -> Optional[torch.Tensor]:
+        return None
+
+    def after_backward(self, model, optimizer, step: int, epoch: int, num_epochs: int) -> None:
+        pass
+
+    def after_optimizer_step(self, model, optimizer) -> None:
+        pass
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+        """Trainable parameters (a method with extra state extends this)."""
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = [n for n in state if n not in params]
+        if missing:
+            raise RuntimeError(f"checkpoint holds parameters the model lacks: {missing[:3]}...")
+        with torch.no_grad():
+            for n, t in state.items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))

@@ -1,0 +1,67 @@
+"""Registry of adapter methods: one module plus one YAML per method.
+
+A method module defines a config dataclass (subclass of :class:`MethodConfig`) and a
+:class:`Method` subclass, and registers them under a *kind* with :func:`register`. Its YAML in
+``conf/method/`` starts with ``defaults: [schema_<kind>, _self_]`` so Hydra validates it against
+the dataclass. Several YAMLs may share one kind (e.g. ablations with other settings).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, Tuple, Type
+
+from hydra.core.config_store import ConfigStore
+
+_REGISTRY: Dict[str, Tuple[type, type]] = {}
+
+# Modules that register methods; importing them fills the registry.
+METHOD_MODULES = ["badit_exp.methods.peft_lora"]
+
+
+def register(kind: str, config_cls: type) -> Callable[[type], type]:
+    """Class decorator: register ``cls`` as the implementation of ``kind``."""
+
+    def deco(cls: type) -> type:
+        if kind in _REGISTRY and _REGISTRY[kind][1] is not cls:
+            raise ValueError(f"method kind {kind!r} is registered twice "
+                             f"({_REGISTRY[kind][1].__name__} and {cls.__name__})")
+        _REGISTRY[kind] = (config_cls, cls)
+        cls.kind = kind
+        return cls
+
+    return deco
+
+
+def _load_all() -> None:
+    for mod in METHOD_MODULES:
+        importlib.import_module(mod)
+
+
+def kinds() -> list:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(kind: str) -> Tuple[type, type]:
+    """(config dataclass, method class) of ``kind``; a clear error for an unknown one."""
+    _load_all()
+    if kind not in _REGISTRY:
+        raise KeyError(f"method.kind={kind!r} is not registered; known kinds: {sorted(_REGISTRY)}. "
+                       "A new method needs a module listed in "
+                       "badit_exp.methods.registry.METHOD_MODULES.")
+    return _REGISTRY[kind]
+
+
+def store_schemas() -> None:
+    """Store every method's schema as ``method/schema_<kind>`` in Hydra's ConfigStore."""
+    _load_all()
+    cs = ConfigStore.instance()
+    for kind, (config_cls, _) in _REGISTRY.items():
+        cs.store(group="method", name=f"schema_{kind}", node=config_cls)
+
+
+def build(cfg) -> "object":
+    """Instantiate the method object from its typed config."""
+    _, cls = get(cfg.kind)
+    return cls(cfg)
