@@ -9,9 +9,12 @@ training target).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -64,8 +67,14 @@ def _as_text(value, path: Path, what: str) -> str:
     raise DataError(f"{path}: {what} must be a string or a list of strings, got {value!r:.80}")
 
 
-def load_task(root: str | Path, name: str, split: str, max_instances: int | None = None) -> Task:
-    """Load ``root/name/split.json``; keep the first ``max_instances`` instances (file order)."""
+def load_task(root: str | Path, name: str, split: str, max_instances: int | None = None,
+              drop_empty: bool = True) -> Task:
+    """Load ``root/name/split.json``; keep the first ``max_instances`` instances (file order).
+
+    An instance without an ``output`` field, or with an empty list, is an error. One whose
+    references are all empty strings (SuperNI's task511 train split has six) is dropped with a
+    warning when ``drop_empty`` (training on it would teach an immediate EOS), else kept.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root={str(root)!r} is not a directory (resolved from "
@@ -91,16 +100,24 @@ def load_task(root: str | Path, name: str, split: str, max_instances: int | None
     items = raw.get("Instances")
     if not isinstance(items, list) or not items:
         raise DataError(f"{path}: task {name!r} has no instances ('Instances' is missing or empty).")
-    instances = []
-    for i, it in enumerate(items[: max_instances or None]):
+    instances, dropped = [], 0
+    for i, it in enumerate(items):
+        if max_instances and len(instances) >= max_instances:
+            break
         if not isinstance(it, dict) or "input" not in it:
             raise DataError(f"{path}: instance #{i} has no 'input'.")
         out = it.get("output")
         refs = [out] if isinstance(out, str) else out
-        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs) \
-                or not any(r.strip() for r in refs):
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
             raise DataError(f"{path}: instance #{i} (id {it.get('id', '?')!r}) has no output "
                             f"(got {out!r:.60}).")
+        if drop_empty and not any(r.strip() for r in refs):
+            dropped += 1
+            continue
         instances.append(Instance(id=str(it.get("id", f"{name}-{i}")), input=str(it["input"]),
                                   outputs=tuple(refs)))
+    if dropped:
+        log.warning("%s: dropped %d instance(s) whose references are all empty", path, dropped)
+    if not instances:
+        raise DataError(f"{path}: task {name!r} has no usable instances.")
     return Task(name=name, definition=definition, instances=tuple(instances))

@@ -1,0 +1,64 @@
+"""Shared fixtures: the SuperNI folder, composed configs, tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from badit_exp.config import register_configs, validate
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+SUPERNI = Path(os.environ.get("SUPERNI_ROOT", REPO.parent / "shared" / "data" / "superni")).resolve()
+CACHE = Path(os.environ.get("BADIT_CACHE_DIR", REPO / ".cache" / "badit_exp")).resolve()
+
+# three short tasks for quick runs
+TASKS3 = ["task363_sst2_polarity_classification", "task875_emotion_classification",
+          "task073_commonsenseqa_answer_generation"]
+
+register_configs()
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for it in items:
+            if "gpu" in it.keywords:
+                it.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def superni() -> Path:
+    if not SUPERNI.is_dir():
+        pytest.skip(f"SuperNI data not found at {SUPERNI} (set SUPERNI_ROOT)")
+    return SUPERNI
+
+
+def compose_cfg(overrides: List[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def tiny_overrides(run_root: Path, tasks=TASKS3, extra=()) -> List[str]:
+    """A fast run: tiny-llama, few instances, short generations, lr high enough to learn."""
+    return ["model=tiny-llama", f"data.root={SUPERNI}", f"data.tasks=[{','.join(tasks)}]",
+            "data.max_train_per_task=4", "data.max_eval_per_task=2", "data.max_new_tokens=6",
+            "data.max_seq_len=256", "trainer.epochs=2", "trainer.per_device_batch_size=2",
+            "trainer.lr=5e-3", "trainer.log_every=1", "trainer.eval_batch_size=4",
+            f"paths.output_dir={run_root}", f"paths.cache_dir={CACHE}", *extra]
+
+
+def run_tiny(run_dir: Path, overrides: List[str]):
+    """Compose, validate and run in-process; returns the metrics dict."""
+    from badit_exp.training.runner import Runner
+
+    cfg = compose_cfg(overrides)
+    return Runner(validate(cfg), run_dir).run()

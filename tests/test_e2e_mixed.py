@@ -1,0 +1,82 @@
+"""End-to-end mixed runs on a tiny model: files, numbers, determinism, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CACHE, REPO, SUPERNI, TASKS3, run_tiny, tiny_overrides
+
+
+def _check_run_files(run_dir, tasks):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["tasks"] == list(tasks) and set(m["scores"]) == set(tasks)
+    for t in tasks:
+        assert set(m["scores"][t]) == {"rougeL", "exact_match"}
+        rows = [json.loads(l) for l in (run_dir / "predictions" / f"{t}.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and {"id", "prediction", "references", "rougeL", "exact_match"} <= set(rows[0])
+    assert m["rouge"] == pytest.approx(sum(m["scores"][t]["rougeL"] for t in tasks) / len(tasks))
+    prov = m["provenance"]
+    assert {"git_commit", "git_dirty", "packages", "device"} <= set(prov)
+    assert prov["packages"]["torch"]
+    assert (run_dir / "config.yaml").exists() and (run_dir / "scores.csv").exists()
+    assert (run_dir / "scores.png").stat().st_size > 1000
+    assert (run_dir / "adapter" / "adapter.safetensors").exists()
+    log = [json.loads(l) for l in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r for r in log)
+    return m
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "olora"])
+def test_mixed_run_each_method(tmp_path, method):
+    m = run_tiny(tmp_path / "run", tiny_overrides(tmp_path, extra=[f"method={method}", "trainer.epochs=3"]))
+    _check_run_files(tmp_path / "run", TASKS3)
+    t = m["timing"]["mixed"]
+    assert t["last_loss"] < t["first_loss"], "training loss did not go down"
+    assert m["forward"] is None and m["forward_missing_reason"]
+
+
+def test_same_seed_same_numbers(tmp_path):
+    a = run_tiny(tmp_path / "a", tiny_overrides(tmp_path))
+    b = run_tiny(tmp_path / "b", tiny_overrides(tmp_path))
+    assert a["timing"]["mixed"]["logged_losses" if False else "last_loss"] == b["timing"]["mixed"]["last_loss"]
+    la = (tmp_path / "a" / "adapter" / "adapter.safetensors").read_bytes()
+    assert la == (tmp_path / "b" / "adapter" / "adapter.safetensors").read_bytes()
+
+
+def test_other_benchmark_root(tmp_path):
+    root = tmp_path / "bench"
+    for name in ("taskA_echo", "taskB_upper"):
+        for split in ("train", "test"):
+            inst = [{"id": f"{name}-{i}", "input": f"word{i}",
+                     "output": [f"word{i}".upper() if "upper" in name else f"word{i}"]} for i in range(6)]
+            (root / name).mkdir(parents=True, exist_ok=True)
+            (root / name / f"{split}.json").write_text(json.dumps(
+                {"Definition": [f"Do {name}."], "Instances": inst}))
+    over = tiny_overrides(tmp_path, tasks=["taskA_echo", "taskB_upper"])
+    over = [o for o in over if not o.startswith("data.root")] + [f"data.root={root}"]
+    run_tiny(tmp_path / "run", over)
+    _check_run_files(tmp_path / "run", ["taskA_echo", "taskB_upper"])
+
+
+def test_cli_bad_task_is_clear(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "badit_exp.train", "model=tiny-llama",
+                          f"data.root={SUPERNI}", "data.tasks=[task999_nothing]",
+                          f"paths.cache_dir={CACHE}", f"hydra.run.dir={tmp_path}/r"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0
+    assert "unknown task 'task999_nothing'" in out.stderr + out.stdout
+
+
+def test_cli_end_to_end(tmp_path):
+    """The issue's check command, shortened: writes the files of a run and prints a table."""
+    out = subprocess.run([sys.executable, "-m", "badit_exp.train", "model=tiny-llama", "method=lora",
+                          f"data.root={SUPERNI}", f"data.tasks=[{','.join(TASKS3[:2])}]",
+                          "data.max_train_per_task=4", "data.max_eval_per_task=2",
+                          "data.max_new_tokens=4", "trainer.epochs=1",
+                          f"paths.cache_dir={CACHE}", f"hydra.run.dir={tmp_path}/r"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rouge=" in out.stdout and f"results: {tmp_path}/r" in out.stdout
+    _check_run_files(tmp_path / "r", TASKS3[:2])
