@@ -26,12 +26,18 @@ register_configs()
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
 def pytest_collection_modifyitems(config, items):
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device")
-        for it in items:
-            if "gpu" in it.keywords:
-                it.add_marker(skip)
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    for it in items:
+        if "gpu" in it.keywords and not torch.cuda.is_available():
+            it.add_marker(skip_gpu)
+        if "slow" in it.keywords and not config.getoption("--runslow"):
+            it.add_marker(skip_slow)
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ def test_paper_defaults_on_hub_models():
 def test_cpu_default_is_small():
     cfg = validate(compose_cfg([]))
     assert cfg.model.name == "smollm2-135m" and cfg.training_mode.name == "mixed"
-    assert cfg.data.max_train_per_task <= 32 and cfg.trainer.epochs == 1
+    assert cfg.data.max_train_per_task <= 16 and cfg.trainer.epochs == 1
     # the command line still wins over the preset
     cfg = validate(compose_cfg(["data.max_train_per_task=1000"]))
     assert cfg.data.max_train_per_task == 1000

@@ -173,6 +173,9 @@ class TaskOrderConfig:
     order: Optional[List[str]] = None
     random: bool = False
     from_seed: bool = False  # use conf/task_order/order<seed>.yaml (the paper's protocol)
+    # true (the paper's orders): tasks of the order that are not in data.tasks are skipped, so
+    # a 3-task run keeps the paper's relative order; false: such a task is an error.
+    restrict_to_data_tasks: bool = False
 
     def __post_init__(self) -> None:
         if self.order is None and not self.random and not self.from_seed:

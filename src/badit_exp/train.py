@@ -52,10 +52,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from badit_exp.data.superni import DataError
+    from badit_exp.training.checkpoint import CheckpointError
+
     try:
         result = run(cfg, run_dir)
-    except ConfigError as e:
-        log.error("config error: %s", e)
+    except (ConfigError, DataError, CheckpointError) as e:
+        log.error("%s: %s", type(e).__name__, e)
         sys.exit(2)
     print_table(result)
     print(f"\nresults: {run_dir}  (metrics.json, scores.csv, predictions/)")

@@ -35,10 +35,12 @@ class Task:
     instances: tuple  # of Instance
 
 
-def resolve_task_names(names: Sequence[str], known: Sequence[str], key: str) -> List[str]:
+def resolve_task_names(names: Sequence[str], known: Sequence[str], key: str,
+                       skip_unknown: bool = False) -> List[str]:
     """Map task ids (``591``, ``task591``) or full folder names to names in ``known``.
 
-    Raises DataError naming ``key`` for an unknown or ambiguous entry, and for duplicates.
+    Raises DataError naming ``key`` for an unknown (unless ``skip_unknown``) or ambiguous
+    entry, and for duplicates.
     """
     out: List[str] = []
     for raw in names:
@@ -48,6 +50,8 @@ def resolve_task_names(names: Sequence[str], known: Sequence[str], key: str) -> 
             continue
         prefix = s if s.startswith("task") else f"task{s}"
         hits = [k for k in known if k == prefix or k.startswith(prefix + "_")]
+        if not hits and skip_unknown:
+            continue
         if len(hits) != 1:
             what = "matches no task" if not hits else f"is ambiguous ({hits})"
             raise DataError(f"{key}: {raw!r} {what} in data.tasks={list(known)}; use a task id "

@@ -85,7 +85,8 @@ def task_order(cfg: Config) -> List[str]:
     names = cfg.task_order.order
     if cfg.task_order.from_seed:
         names = seed_order(cfg.seed)
-    order = resolve_task_names(names, tasks, f"task_order={cfg.task_order.name}")
+    order = resolve_task_names(names, tasks, f"task_order={cfg.task_order.name}",
+                               skip_unknown=cfg.task_order.restrict_to_data_tasks)
     if len(order) != len(tasks):
         missing = [t for t in tasks if t not in order]
         raise ConfigError(f"task_order={cfg.task_order.name} leaves out {missing} of data.tasks; "

@@ -1,0 +1,353 @@
+"""BADIT = BAD (basic ability decomposition, an SVD initialisation of K LoRA experts) + DOG
+(dynamically orthogonal grouping of their rank-1 components), SPEC section 5.
+
+Built on the fused mixture layer of :mod:`badit_exp.methods.moe`. What differs from the
+authors' code (SPEC section 8), on purpose:
+
+* DOG permutes the optimizer's Adam moments (and the gradients about to be applied, and the
+  EMA gradient buffer) together with the parameters, so a step after a regroup equals the step
+  on a model where everything had been permuted before.
+* The balanced assignment is exact (Hungarian algorithm on the r-fold repeated expert
+  columns): every expert holds exactly r components, none is duplicated or lost.
+* The regrouping is a pure function of the (reduced) gradients, so every process of a data-
+  parallel run that calls it with the same gradients reaches the same grouping.
+
+Function preservation: with the scalar router and ``dog.preserve_function=true`` a moved
+component's B column is rescaled by alpha_old / alpha_new (the paper's Appendix C) so the
+layer's output is unchanged; with an input-dependent router the output changes (unavoidable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from badit_exp.config import ConfigError
+from badit_exp.methods.moe import MoLoRA, MoLoRAConfig
+from badit_exp.methods.moe.layer import MoLoRALinear
+from badit_exp.methods.registry import register
+
+
+# ---------------------------------------------------------------------------------------------
+# BAD: SVD initialisation
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def bad_init(layer: MoLoRALinear, name: str = "?") -> None:
+    """Split the top r*K singular components of the base weight into K contiguous experts
+    (expert 0 = largest), set A/B so that s * B_k A_k = U_k diag(S_k) V_k^T, and write the
+    residual W - s * sum_k B_k A_k back into the frozen base weight (model dtype)."""
+    W = layer.base.weight
+    n = layer.num_experts * layer.rank
+    if n > min(W.shape):
+        raise ConfigError(f"BAD needs rank*num_experts <= min(out, in): layer {name} has shape "
+                          f"{tuple(W.shape)} but rank={layer.rank} x num_experts="
+                          f"{layer.num_experts} = {n}; lower method.rank or method.num_experts.")
+    Wf = W.float()
+    U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
+    root = torch.sqrt(S[:n] / layer.scaling)
+    B = U[:, :n] * root
+    A = root[:, None] * Vh[:n]
+    layer.lora_A.copy_(A)
+    layer.lora_B.copy_(B)
+    W.copy_((Wf - layer.scaling * B @ A).to(W.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# DOG: the balanced orthogonal assignment (pure, batched)
+# ---------------------------------------------------------------------------------------------
+
+def _unit(g: torch.Tensor) -> torch.Tensor:
+    return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _balanced_assign(scores: torch.Tensor, cap: int) -> torch.Tensor:
+    """Exact balanced assignment maximising sum_i scores[l, i, a_i] with every expert used
+    ``cap`` times. scores: (L, n, K) -> (L, n) long. Hungarian algorithm (scipy) on the
+    (n x n) matrix whose columns repeat each expert ``cap`` times; the matrices are tiny
+    (32 x 32 in the paper), the scores themselves are computed on the gradients' device."""
+    L, n, K = scores.shape
+    s = scores.detach().double().cpu().numpy()
+    out = np.empty((L, n), dtype=np.int64)
+    for l in range(L):
+        big = np.repeat(s[l], cap, axis=1)  # column j -> expert j // cap
+        rows, cols = linear_sum_assignment(big, maximize=True)
+        out[l, rows] = cols // cap
+    return torch.from_numpy(out).to(scores.device)
+
+
+def _centroid_sums(u: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
+    """(L, K, D): sum of the unit gradients assigned to each expert."""
+    onehot = torch.nn.functional.one_hot(assign, K).to(u.dtype)  # (L, n, K)
+    return onehot.transpose(1, 2) @ u
+
+
+def dog_objective(u: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
+    """sum_k || sum_{i in expert k} g_i ||^2 per layer (unit gradients). -> (L,)"""
+    return _centroid_sums(u, assign, K).pow(2).sum(dim=(1, 2))
+
+
+def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
+               kmeans_iters: int = 10, return_info: bool = False):
+    """The DOG regrouping of SPEC section 5.3 for a batch of layers.
+
+    Args:
+        grads: (layers, r*K, D) raw gradients of the rank-1 components (row of A and column of
+            B concatenated). Normalised here; zero rows are guarded.
+        num_experts: K. r = r*K / K components per expert.
+        max_iters: orthogonalised-centroid iterations (SPEC: at most 10).
+        kmeans_iters: spherical K-means iterations for the start.
+    Returns:
+        (layers, r*K) long tensor: each component's new expert, every expert exactly r times
+        per layer; with ``return_info`` also a dict of objectives (start, final, current).
+
+    Deterministic: the K-means start is seeded by the current grouping (component i in expert
+    i // r), no random numbers are drawn.
+    """
+    if grads.dim() != 3:
+        raise ValueError(f"grads must be (layers, r*K, D), got shape {tuple(grads.shape)}")
+    L, n, _ = grads.shape
+    K = num_experts
+    if n % K:
+        raise ValueError(f"r*K = {n} components is not divisible by num_experts = {K}")
+    r = n // K
+    u = _unit(grads.float())
+    current = torch.arange(n, device=u.device).div(r, rounding_mode="floor").expand(L, n)
+    # 1) spherical K-means (cosine similarity, unit-norm centroids), started from the
+    #    current grouping, then made balanced by the exact assignment
+    cent = _unit(_centroid_sums(u, current, K))
+    for _ in range(kmeans_iters):
+        lab = (u @ cent.transpose(1, 2)).argmax(-1)
+        new = _centroid_sums(u, lab, K)
+        empty = new.norm(dim=-1, keepdim=True) < 1e-12
+        cent = torch.where(empty, cent, _unit(new))
+    assign = _balanced_assign(u @ cent.transpose(1, 2), r)
+    start_obj = dog_objective(u, assign, K)
+    best, best_obj = assign.clone(), start_obj.clone()
+    # 2) orthogonalised centroids: C = U S V^T -> Q = U V^T, re-assign (balanced) to Q
+    for _ in range(max_iters):
+        C = _centroid_sums(u, assign, K).transpose(1, 2)  # (L, D, K)
+        Uc, _, Vh = torch.linalg.svd(C, full_matrices=False)
+        Q = Uc @ Vh  # orthonormal columns q_k
+        new = _balanced_assign(u @ Q, r)
+        obj = dog_objective(u, new, K)
+        better = obj > best_obj
+        best = torch.where(better[:, None], new, best)
+        best_obj = torch.maximum(obj, best_obj)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    if return_info:
+        return best, {"start": start_obj, "final": best_obj,
+                      "current": dog_objective(u, current, K)}
+    return best
+
+
+def group_angles(u: torch.Tensor, assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean intra-expert pairwise angle and mean inter-expert angle (between experts' summed
+    gradients), degrees, per layer. u: (L, n, D) unit gradients."""
+    L, n, _ = u.shape
+    cos = (u @ u.transpose(1, 2)).clamp(-1, 1)
+    same = assign[:, :, None] == assign[:, None, :]
+    off = ~torch.eye(n, dtype=torch.bool, device=u.device)
+    intra = torch.rad2deg(torch.acos(cos))
+    intra = (intra * (same & off)).sum((1, 2)) / (same & off).sum((1, 2)).clamp_min(1)
+    c = _unit(_centroid_sums(u, assign, K))
+    ccos = (c @ c.transpose(1, 2)).clamp(-1, 1)
+    offk = ~torch.eye(K, dtype=torch.bool, device=u.device)
+    inter = torch.rad2deg(torch.acos(ccos))[:, offk].mean(-1)
+    return intra, inter
+
+
+def permutation_from_assignment(assign: torch.Tensor, K: int) -> torch.Tensor:
+    """perm (L, n) such that new slot j holds old component perm[j]: expert k's components,
+    in their old order, occupy slots k*r .. (k+1)*r - 1."""
+    L, n = assign.shape
+    key = assign * n + torch.arange(n, device=assign.device)
+    return key.argsort(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DOGConfig:
+    enabled: bool = True
+    every_n_steps: int = 0  # 0 = no step trigger; N = regroup every N optimizer steps
+    at_epoch_end: bool = True  # regroup on the last optimizer step of each epoch (reference)
+    until_fraction: float = 0.5  # regroup only while epoch < fraction * epochs (reference: half)
+    grad_source: str = "last"  # last: the step's gradient (reference); ema: a moving average
+    ema_beta: float = 0.9
+    max_iters: int = 10
+    preserve_function: bool = True  # scalar router only: rescale moved components (App. C)
+
+    def __post_init__(self) -> None:
+        if self.grad_source not in ("last", "ema"):
+            raise ConfigError(f"method.dog.grad_source={self.grad_source!r}; choose last or ema.")
+        if not 0 < self.until_fraction <= 1:
+            raise ConfigError(f"method.dog.until_fraction={self.until_fraction} must be in (0, 1].")
+        if self.every_n_steps < 0:
+            raise ConfigError(f"method.dog.every_n_steps={self.every_n_steps} must be >= 0.")
+        if not 0 <= self.ema_beta < 1:
+            raise ConfigError(f"method.dog.ema_beta={self.ema_beta} must be in [0, 1).")
+
+
+@dataclass
+class BaditConfig(MoLoRAConfig):
+    init: str = "bad"  # bad: SVD experts + residual (BADIT); lora: A kaiming, B = 0 (w/o BAD)
+    dog: DOGConfig = field(default_factory=DOGConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init not in ("bad", "lora"):
+            raise ConfigError(f"method.init={self.init!r}; choose bad or lora.")
+
+
+@register("badit", BaditConfig)
+class Badit(MoLoRA):
+    """K SVD-initialised LoRA experts (BAD) regrouped by gradient direction (DOG)."""
+
+    def apply(self, model):
+        model = super().apply(model)
+        if self.cfg.init == "bad":
+            for name, layer in self.layers.items():
+                bad_init(layer, name)
+        self._ema: Dict[str, torch.Tensor] = {}
+        self.regroups = 0
+        return model
+
+    def describe(self):
+        d = super().describe()
+        dog = self.cfg.dog
+        d.update(init=self.cfg.init, dog=dict(dog.__dict__),
+                 dog_variant=("function-preserving rescale (scalar router)"
+                              if self.cfg.router == "scalar" and dog.preserve_function else
+                              "plain permutation (router output changes)"))
+        return d
+
+    # -- when ---------------------------------------------------------------------------------
+    def _due(self, step: int, epoch: int, num_epochs: int, last_of_epoch: bool) -> bool:
+        dog = self.cfg.dog
+        if not dog.enabled or epoch >= dog.until_fraction * num_epochs:
+            return False
+        by_step = dog.every_n_steps > 0 and (step + 1) % dog.every_n_steps == 0
+        return by_step or (dog.at_epoch_end and last_of_epoch)
+
+    def component_grads(self, name: str, layer: MoLoRALinear) -> Optional[torch.Tensor]:
+        """(r*K, in + out): row i of dL/dA next to column i of dL/dB."""
+        if layer.lora_A.grad is None or layer.lora_B.grad is None:
+            return None
+        return torch.cat([layer.lora_A.grad, layer.lora_B.grad.t()], dim=1)
+
+    def after_backward(self, model, optimizer, step, epoch, num_epochs, last_of_epoch=False):
+        dog = self.cfg.dog
+        if not dog.enabled:
+            return
+        if dog.grad_source == "ema":
+            for name, layer in self.layers.items():
+                g = self.component_grads(name, layer)
+                if g is None:
+                    continue
+                prev = self._ema.get(name)
+                self._ema[name] = g.detach().clone() if prev is None else \
+                    prev.mul_(dog.ema_beta).add_(g.detach(), alpha=1 - dog.ema_beta)
+        if self._due(step, epoch, num_epochs, last_of_epoch):
+            self.regroup(optimizer, step=step, epoch=epoch)
+
+    # -- how ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def regroup(self, optimizer, step: int = -1, epoch: int = -1) -> Dict:
+        """Regroup every layer (layers of one shape in one batched call); permute parameters,
+        gradients, EMA buffers and the optimizer's moments identically. Returns diagnostics."""
+        K = self.cfg.num_experts
+        by_shape: Dict[Tuple, List[str]] = {}
+        grads: Dict[str, torch.Tensor] = {}
+        for name, layer in self.layers.items():
+            g = self._ema.get(name) if self.cfg.dog.grad_source == "ema" else \
+                self.component_grads(name, layer)
+            if g is None:
+                continue
+            grads[name] = g
+            by_shape.setdefault(tuple(g.shape), []).append(name)
+        rows = []
+        for names in by_shape.values():
+            G = torch.stack([grads[n] for n in names])
+            assign, info = dog_assign(G, K, max_iters=self.cfg.dog.max_iters, return_info=True)
+            u = _unit(G.float())
+            cur = torch.arange(G.shape[1], device=G.device).div(G.shape[1] // K,
+                                                                rounding_mode="floor")
+            intra0, inter0 = group_angles(u, cur.expand_as(assign), K)
+            intra1, inter1 = group_angles(u, assign, K)
+            perm = permutation_from_assignment(assign, K)
+            for j, n in enumerate(names):
+                moved = int((assign[j] != cur).sum())
+                self._apply_permutation(n, self.layers[n], perm[j], assign[j], optimizer)
+                rows.append({"layer": n, "objective_before": float(info["current"][j]),
+                             "objective_kmeans_start": float(info["start"][j]),
+                             "objective_after": float(info["final"][j]), "moved": moved,
+                             "intra_angle_before": float(intra0[j]),
+                             "inter_angle_before": float(inter0[j]),
+                             "intra_angle_after": float(intra1[j]),
+                             "inter_angle_after": float(inter1[j])})
+        self.regroups += 1
+        summary = {"regroup": self.regroups, "step": step, "epoch": epoch}
+        if rows:
+            for k in rows[0]:
+                if k != "layer":
+                    summary[f"mean_{k}"] = sum(r[k] for r in rows) / len(rows)
+        if self.run_dir is not None:
+            with open(self.run_dir / "dog_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({**summary, "stage": self.stage_name, "layers": rows}) + "\n")
+        return summary
+
+    def _apply_permutation(self, name: str, layer: MoLoRALinear, perm: torch.Tensor,
+                           assign: torch.Tensor, optimizer) -> None:
+        r, K = layer.rank, layer.num_experts
+        if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
+            return
+        A, B = layer.lora_A, layer.lora_B
+        # scale of each new slot's component (function preservation with scalar routing)
+        scale = None
+        if self.cfg.router == "scalar" and self.cfg.dog.preserve_function:
+            alpha = layer.router_weight.detach().float()
+            old_exp = perm.div(r, rounding_mode="floor")  # expert each moved component came from
+            new_exp = torch.arange(perm.numel(), device=perm.device).div(r, rounding_mode="floor")
+            a_new = alpha[new_exp]
+            ok = a_new.abs() > 1e-8
+            scale = torch.where(ok, alpha[old_exp] / torch.where(ok, a_new, torch.ones_like(a_new)),
+                                torch.ones_like(a_new))
+        for p, dim in ((A, 0), (B, 1)):
+            p.data.copy_(p.data.index_select(dim, perm))
+            if p.grad is not None:
+                p.grad.copy_(p.grad.index_select(dim, perm))
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].copy_(state[key].index_select(dim, perm))
+        if name in self._ema:
+            self._ema[name].copy_(self._ema[name].index_select(0, perm))
+        if scale is not None:
+            # B' = c B  =>  dL/dB' = dL/dB / c, Adam moments m/c and v/c^2: the next step on
+            # the rescaled parameter is the rescaled step
+            B.data.mul_(scale)
+            if B.grad is not None:
+                B.grad.div_(scale)
+            state = optimizer.state.get(B, {}) if optimizer is not None else {}
+            if "exp_avg" in state:
+                state["exp_avg"].div_(scale)
+                state["exp_avg_sq"].div_(scale ** 2)
+
+    # -- results ------------------------------------------------------------------------------
+    def on_stage_end(self, model, stage_index, stage_name, train_batches):
+        super().on_stage_end(model, stage_index, stage_name, train_batches)
+        if self.run_dir is not None and (self.run_dir / "dog_log.jsonl").exists():
+            from badit_exp.plotting import dog_angles
+
+            dog_angles(self.run_dir / "dog_log.jsonl", self.run_dir / "dog_angles.png")
