@@ -62,3 +62,51 @@ def latex_matrix(stages: Sequence[str], tasks: Sequence[str], A) -> str:
                      + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+def dog_angles(log_path: Path, path: Path) -> None:
+    """Mean intra- and inter-expert gradient angles at each DOG regroup (the paper's Fig. 4)."""
+    import json
+
+    rows = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l.strip()]
+    rows = [r for r in rows if "mean_intra_angle_after" in r]
+    if not rows:
+        return
+    x = list(range(1, len(rows) + 1))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(x, [r["mean_inter_angle_before"] for r in rows], "o--", c="#C44E52", alpha=0.5,
+            label="inter-expert, before")
+    ax.plot(x, [r["mean_inter_angle_after"] for r in rows], "o-", c="#C44E52",
+            label="inter-expert, after")
+    ax.plot(x, [r["mean_intra_angle_before"] for r in rows], "s--", c="#4C72B0", alpha=0.5,
+            label="intra-expert, before")
+    ax.plot(x, [r["mean_intra_angle_after"] for r in rows], "s-", c="#4C72B0",
+            label="intra-expert, after")
+    ax.axhline(90, c="grey", lw=0.8, ls=":")
+    ax.set_xlabel("regroup")
+    ax.set_ylabel("mean gradient angle (deg)")
+    ax.set_ylim(0, 180)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def router_usage(path: Path, tasks: Sequence[str], weights, top_k: int, title: str) -> None:
+    """Tasks x experts mean router weight, each task's top-k experts outlined (Fig. 13)."""
+    import numpy as np
+
+    W = np.asarray(weights, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * W.shape[1] + 2), max(3, 0.35 * len(tasks) + 1.5)))
+    im = ax.imshow(W, cmap="magma", aspect="auto")
+    for i in range(W.shape[0]):
+        for j in np.argsort(-W[i])[:top_k]:
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="cyan", lw=1.2))
+    ax.set_yticks(range(len(tasks)), [_short(t) for t in tasks])
+    ax.set_xticks(range(W.shape[1]))
+    ax.set_xlabel("expert")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

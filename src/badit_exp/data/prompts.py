@@ -114,7 +114,10 @@ def collate_train(examples: List[Dict], pad_id: int) -> Dict[str, torch.Tensor]:
         ids[i, : len(x)] = x
         mask[i, : len(x)] = 1
         labels[i, e["prompt_len"]: len(x)] = x[e["prompt_len"]:]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if all("task_index" in e for e in examples):  # for methods that need the sample's task
+        out["task_index"] = torch.tensor([e["task_index"] for e in examples], dtype=torch.long)
+    return out
 
 
 def collate_eval(examples: List[Dict], pad_id: int) -> Dict[str, torch.Tensor]:

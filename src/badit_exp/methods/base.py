@@ -58,6 +58,7 @@ class Method:
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
         self.run_dir = None  # set by the runner; where diagnostics go
+        self.task_names: List[str] = []  # data.tasks, set by the runner (task_index order)
 
     # -- building ---------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -77,11 +78,22 @@ class Method:
     def extra_loss(self, model, batch) -> Optional[torch.Tensor]:
         return None
 
-    def after_backward(self, model, optimizer, step: int, epoch: int, num_epochs: int) -> None:
+    def after_backward(self, model, optimizer, step: int, epoch: int, num_epochs: int,
+                       last_of_epoch: bool = False) -> None:
         pass
 
     def after_optimizer_step(self, model, optimizer) -> None:
         pass
+
+    # -- evaluation hooks -------------------------------------------------------------------
+    def start_eval(self, task: str) -> None:
+        """Before generating for ``task`` (e.g. switch on router statistics)."""
+
+    def end_eval(self, task: str) -> None:
+        """After generating for ``task``."""
+
+    def after_evaluate(self, stage_name: str) -> None:
+        """After all tasks of a stage are evaluated (e.g. plots)."""
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:

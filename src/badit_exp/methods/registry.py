@@ -16,7 +16,8 @@ from hydra.core.config_store import ConfigStore
 _REGISTRY: Dict[str, Tuple[type, type]] = {}
 
 # Modules that register methods; importing them fills the registry.
-METHOD_MODULES = ["badit_exp.methods.peft_lora"]
+METHOD_MODULES = ["badit_exp.methods.peft_lora", "badit_exp.methods.moe",
+                  "badit_exp.methods.badit"]
 
 
 def register(kind: str, config_cls: type) -> Callable[[type], type]:

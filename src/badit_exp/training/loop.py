@@ -102,8 +102,9 @@ def train_stage(model, method, examples: List[Dict], *, tcfg, pad_id: int, seed:
         for b in range(start, len(batches)):
             batch = collate_train([examples[i] for i in batches[b]], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
             with amp:
-                loss = model(**batch).loss
+                loss = model(**inputs).loss
                 extra = method.extra_loss(model, batch)
                 total_loss = loss if extra is None else loss + extra
             (total_loss / tcfg.grad_accum_steps).backward()
@@ -116,7 +117,7 @@ def train_stage(model, method, examples: List[Dict], *, tcfg, pad_id: int, seed:
             if not boundary:
                 continue
             method.after_backward(model, optimizer, step=pos.step, epoch=epoch,
-                                  num_epochs=tcfg.epochs)
+                                  num_epochs=tcfg.epochs, last_of_epoch=b + 1 == len(batches))
             if tcfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
             optimizer.step()

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from badit_exp import metrics as M
 from badit_exp import plotting, provenance
@@ -167,6 +168,8 @@ class Runner:
                 tr, self.tok, kind="train", task_file=root / name / f"{d.train_split}.json", **kw)
             self.eval_examples[name] = tokenize_task(
                 ev, self.tok, kind="eval", task_file=root / name / f"{d.eval_split}.json", **kw)
+            for ex in self.train_examples[name]:
+                ex["task_index"] = d.tasks.index(name)
 
     def _check_run_dir(self) -> None:
         cfg_path = self.run_dir / "config.yaml"
@@ -194,6 +197,7 @@ class Runner:
             base.generation_config.pad_token_id = self.tok.pad_token_id
         method = registry.build(self.cfg.method)
         method.run_dir = self.run_dir
+        method.task_names = list(self.cfg.data.tasks)
         model = method.apply(base)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
@@ -238,7 +242,8 @@ class Runner:
                            global_step_offset=progress["global_step"], resume=resume_state,
                            save_checkpoint=save)
 
-    def evaluate(self, model, i: int, stage: Stage, final: bool) -> Dict[str, Dict[str, float]]:
+    def evaluate(self, model, method, i: int, stage: Stage,
+                 final: bool) -> Dict[str, Dict[str, float]]:
         """Evaluate ``stage.eval_tasks``; per-task results are kept as they finish so a crash
         during evaluation does not redo finished tasks."""
         partial_path = self.ckpt_dir / f"eval_stage_{i}.json"
@@ -246,14 +251,15 @@ class Runner:
         pred_dir = self.run_dir / "predictions"
         if self.cfg.training_mode.name == "sequential":
             pred_dir = pred_dir / f"after_{i:02d}_{stage.name}"
-        for t in stage.eval_tasks:
-            if t in done:
-                continue
+        todo = [t for t in stage.eval_tasks if t not in done]
+        for t in tqdm(todo, desc=f"evaluate after {stage.name}", disable=len(todo) < 2):
+            method.start_eval(t)
             scores, records = evaluate_task(
                 model, self.tok, self.eval_tasks[t], self.eval_examples[t],
                 batch_size=self.cfg.trainer.eval_batch_size,
                 max_new_tokens=self.cfg.data.max_new_tokens, device=self.device,
                 autocast_dtype=self.autocast_dtype)
+            method.end_eval(t)
             write_jsonl(pred_dir / f"{t}.jsonl", records)
             if final and pred_dir != self.run_dir / "predictions":
                 write_jsonl(self.run_dir / "predictions" / f"{t}.jsonl", records)
@@ -262,6 +268,7 @@ class Runner:
             self.logger.log({f"eval/{t}/rougeL": scores["rougeL"],
                              f"eval/{t}/exact_match": scores["exact_match"], "eval/stage": i},
                             step=0)
+        method.after_evaluate(stage.name)
         return done
 
     def checkpoint_stage(self, model, method, i: int) -> None:
@@ -289,7 +296,7 @@ class Runner:
             t_train = time.perf_counter() - t0
             self.checkpoint_stage(model, method, i)
             t1 = time.perf_counter()
-            scores = self.evaluate(model, i, stage, final=(i == n - 1))
+            scores = self.evaluate(model, method, i, stage, final=(i == n - 1))
             progress["results"][stage.name] = scores
             progress["timing"][stage.name] = {"train_s": t_train,
                                               "eval_s": time.perf_counter() - t1,

@@ -78,7 +78,6 @@ class MoLoRA(Method):
         super().__init__(cfg)
         self.layers: Dict[str, MoLoRALinear] = {}
         self.ctx = RoutingContext()
-        self.task_names: List[str] = []
         self.stage_name = ""
         self.router_stats: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
 
