@@ -151,7 +151,8 @@ def attach_routing_hook(model: nn.Module, ctx: RoutingContext):
     def hook(module, args, kwargs):
         am = kwargs.get("attention_mask")
         labels = kwargs.get("labels")
-        pkv = kwargs.get("past_key_values")
+        # the KV cache is `cache` in recent transformers, `past_key_values` in older ones
+        pkv = kwargs.get("cache", kwargs.get("past_key_values"))
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = 0
         if pkv is not None and hasattr(pkv, "get_seq_length"):
