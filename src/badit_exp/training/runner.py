@@ -329,6 +329,7 @@ class Runner:
                   str(out / "adapter.safetensors"))
         atomic_write_json(out / "method.json", {"method": self.resolved["method"],
                                                 "model": self.resolved["model"],
+                                                "seed": self.cfg.seed,
                                                 "variant": method.describe()})
 
     # ------------------------------------------------------------------------------ results
