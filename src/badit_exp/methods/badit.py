@@ -94,7 +94,7 @@ def dog_objective(u: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor
 
 
 def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
-               kmeans_iters: int = 10, return_info: bool = False):
+               kmeans_iters: int = 10, n_init: int = 8, return_info: bool = False):
     """The DOG regrouping of SPEC section 5.3 for a batch of layers.
 
     Args:
@@ -103,25 +103,38 @@ def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
         num_experts: K. r = r*K / K components per expert.
         max_iters: orthogonalised-centroid iterations (SPEC: at most 10).
         kmeans_iters: spherical K-means iterations for the start.
+        n_init: K-means starts per layer, all run in one batch; the first is seeded by the
+            current grouping, the others by K components drawn with a fixed-seed generator.
+            The best final objective wins (like scikit-learn's ``n_init``).
     Returns:
         (layers, r*K) long tensor: each component's new expert, every expert exactly r times
-        per layer; with ``return_info`` also a dict of objectives (start, final, current).
+        per layer; with ``return_info`` also a dict of per-layer objectives: ``current``
+        (grouping before), ``start`` (the balanced K-means start of the winning run) and
+        ``final``.
 
-    Deterministic: the K-means start is seeded by the current grouping (component i in expert
-    i // r), no random numbers are drawn.
+    Deterministic: the same gradients give the same grouping (no global RNG is touched).
     """
     if grads.dim() != 3:
         raise ValueError(f"grads must be (layers, r*K, D), got shape {tuple(grads.shape)}")
-    L, n, _ = grads.shape
+    L, n, D = grads.shape
     K = num_experts
     if n % K:
         raise ValueError(f"r*K = {n} components is not divisible by num_experts = {K}")
     r = n // K
-    u = _unit(grads.float())
-    current = torch.arange(n, device=u.device).div(r, rounding_mode="floor").expand(L, n)
-    # 1) spherical K-means (cosine similarity, unit-norm centroids), started from the
-    #    current grouping, then made balanced by the exact assignment
-    cent = _unit(_centroid_sums(u, current, K))
+    u0 = _unit(grads.float())
+    current = torch.arange(n, device=u0.device).div(r, rounding_mode="floor").expand(L, n)
+    # batch the starts: (L * n_init, n, D)
+    u = u0.repeat_interleave(n_init, dim=0)
+    cent = _unit(_centroid_sums(u0, current, K)).repeat_interleave(n_init, dim=0)
+    if n_init > 1:
+        g = torch.Generator().manual_seed(0)
+        picks = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(L * n_init)])
+        picks = picks.to(u.device)
+        rand = torch.gather(u, 1, picks[:, :, None].expand(-1, -1, D))
+        first = (torch.arange(L * n_init, device=u.device) % n_init == 0)[:, None, None]
+        cent = torch.where(first, cent, rand)
+    # 1) spherical K-means (cosine similarity, unit-norm centroids), made balanced by the
+    #    exact assignment
     for _ in range(kmeans_iters):
         lab = (u @ cent.transpose(1, 2)).argmax(-1)
         new = _centroid_sums(u, lab, K)
@@ -132,7 +145,7 @@ def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
     best, best_obj = assign.clone(), start_obj.clone()
     # 2) orthogonalised centroids: C = U S V^T -> Q = U V^T, re-assign (balanced) to Q
     for _ in range(max_iters):
-        C = _centroid_sums(u, assign, K).transpose(1, 2)  # (L, D, K)
+        C = _centroid_sums(u, assign, K).transpose(1, 2)  # (B, D, K)
         Uc, _, Vh = torch.linalg.svd(C, full_matrices=False)
         Q = Uc @ Vh  # orthonormal columns q_k
         new = _balanced_assign(u @ Q, r)
@@ -143,10 +156,14 @@ def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
         if torch.equal(new, assign):
             break
         assign = new
+    # pick the best start per layer
+    win = best_obj.view(L, n_init).argmax(-1)
+    rows = torch.arange(L, device=u.device) * n_init + win
+    result = best[rows]
     if return_info:
-        return best, {"start": start_obj, "final": best_obj,
-                      "current": dog_objective(u, current, K)}
-    return best
+        return result, {"start": start_obj[rows], "final": best_obj[rows],
+                        "current": dog_objective(u0, current, K)}
+    return result
 
 
 def group_angles(u: torch.Tensor, assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,206 @@
+"""Training step time of lora, loramoe and badit, interleaved in one process; DOG cost.
+
+    python benchmarks/step_time.py                       # SmolLM2-135M, CPU, prints JSON
+    python benchmarks/step_time.py --model tiny-llama --steps 5 --rounds 2   # smoke
+
+Every configuration trains the same model on the same batches with the same seed; rounds
+interleave the configurations so drifts in machine speed hit all of them alike. A step is
+forward + backward + the method's hooks + AdamW step, exactly as the training loop runs it.
+``badit`` runs DOG at its default schedule (end of an epoch of ``--steps-per-epoch`` steps,
+first half of the epochs; its cost is amortised over the epoch, so the mean is reported), and
+``badit_dog_every_step`` regroups after every backward pass (Algorithm 1).
+
+Also measured: one DOG regroup over all layers, and ``dog_assign`` against the reference
+code's per-layer scikit-learn K-means (if scikit-learn is installed), with the DOG objective
+each reaches (the reference's K-means labels made balanced greedily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from badit_exp import provenance  # noqa: E402
+from badit_exp.config import register_configs, validate  # noqa: E402
+from badit_exp.data import load_task  # noqa: E402
+from badit_exp.data.prompts import collate_train, tokenize_task  # noqa: E402
+from badit_exp.methods import registry  # noqa: E402
+from badit_exp.methods.badit import dog_assign, dog_objective  # noqa: E402
+from badit_exp.models import load_model_and_tokenizer  # noqa: E402
+
+CONFIGS = {
+    "lora": ["method=lora"],
+    "loramoe": ["method=loramoe"],
+    "badit": ["method=badit"],
+    "badit_dog_every_step": ["method=badit", "method.dog.every_n_steps=1",
+                             "method.dog.at_epoch_end=false", "method.dog.until_fraction=1.0"],
+}
+
+
+def compose(overrides):
+    from hydra import compose as hcompose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return validate(hcompose(config_name="config", overrides=overrides))
+
+
+def build(name, model_name, cache, device):
+    cfg = compose([f"model={model_name}", *CONFIGS[name]])
+    torch.manual_seed(0)
+    base, tok = load_model_and_tokenizer(cfg.model, cache, device)
+    method = registry.build(cfg.method)
+    model = method.apply(base)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    return {"model": model, "method": method, "opt": opt, "tok": tok, "step": 0}
+
+
+def batches(tok, root, n, bs, seq):
+    tasks = ["task363_sst2_polarity_classification", "task591_sciq_answer_generation",
+             "task1510_evalution_relation_extraction", "task1572_samsum_summary"]
+    ex = []
+    for t in tasks:
+        task = load_task(root, t, "train", n * bs)
+        ex += tokenize_task(task, tok, kind="train", max_seq_len=seq, max_new_tokens=50, seed=1)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(ex), generator=g).tolist()
+    return [collate_train([ex[i] for i in perm[k * bs:(k + 1) * bs]], tok.pad_token_id)
+            for k in range(n)]
+
+
+def train_step(run, batch, steps_per_epoch, device):
+    model, method, opt = run["model"], run["method"], run["opt"]
+    t0 = time.perf_counter()
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "task_index"}
+    model(**inputs).loss.backward()
+    s = run["step"]
+    method.after_backward(model, opt, step=s, epoch=(s // steps_per_epoch) % 10, num_epochs=10,
+                          last_of_epoch=(s + 1) % steps_per_epoch == 0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    run["step"] += 1
+    return time.perf_counter() - t0
+
+
+def dog_cost(run, batch, device, repeats=5):
+    """Time of one regroup over all layers (gradients from a real backward pass)."""
+    model, method, opt = run["model"], run["method"], run["opt"]
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "task_index"}
+    model(**inputs).loss.backward()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        method.regroup(opt)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    grads = torch.stack([method.component_grads(n, l) for n, l in method.layers.items()])
+    opt.zero_grad(set_to_none=True)
+    return statistics.median(times), grads
+
+
+def versus_sklearn(grads, K, repeats=3):
+    out = {}
+    t = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a = dog_assign(grads, K)
+        if grads.is_cuda:
+            torch.cuda.synchronize()
+        t.append(time.perf_counter() - t0)
+    u = grads.float() / grads.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    out["dog_assign_s"] = statistics.median(t)
+    out["dog_assign_objective"] = float(dog_objective(u, a, K).mean())
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        out["sklearn"] = "not installed (pip install scikit-learn)"
+        return out
+    import numpy as np
+
+    r = grads.shape[1] // K
+    uc = u.cpu().numpy()
+    t0 = time.perf_counter()
+    labels = []
+    for layer in uc:  # the reference: one K-means per layer on the CPU
+        km = KMeans(n_clusters=K, n_init=10, random_state=0).fit(layer)
+        lab = km.labels_.copy()
+        # make it balanced greedily (the reference's fix-up is random)
+        dist = km.transform(layer)
+        counts = np.bincount(lab, minlength=K)
+        for i in np.argsort(-dist[np.arange(len(lab)), lab]):
+            if counts[lab[i]] > r:
+                for k in np.argsort(dist[i]):
+                    if counts[k] < r:
+                        counts[lab[i]] -= 1
+                        lab[i] = k
+                        counts[k] += 1
+                        break
+        labels.append(lab)
+    out["sklearn_kmeans_s"] = time.perf_counter() - t0
+    la = torch.as_tensor(np.stack(labels).astype(np.int64), device=u.device)
+    out["sklearn_objective"] = float(dog_objective(u, la, K).mean())
+    out["speedup_vs_sklearn"] = out["sklearn_kmeans_s"] / out["dog_assign_s"]
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per config per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps-per-epoch", type=int, default=30)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "superni"))
+    p.add_argument("--cache", default=str(REPO / ".cache" / "badit_exp"))
+    a = p.parse_args()
+    register_configs()
+    device = torch.device(a.device)
+    runs = {n: build(n, a.model, Path(a.cache), device) for n in CONFIGS}
+    data = batches(runs["lora"]["tok"], Path(a.data), a.steps + a.warmup, a.batch_size, a.seq_len)
+    times = {n: [] for n in CONFIGS}
+    for rnd in range(a.rounds):
+        for n, run in runs.items():
+            for k, b in enumerate(data):
+                dt = train_step(run, b, a.steps_per_epoch, device)
+                if k >= a.warmup:
+                    times[n].append(dt)
+    res = {n: {"median_s": statistics.median(t), "mean_s": statistics.mean(t), "n": len(t)}
+           for n, t in times.items()}
+    regroup_s, grads = dog_cost(runs["badit"], data[0], device)
+    out = {
+        "model": a.model, "device": str(device), "batch_size": a.batch_size, "seq_len": a.seq_len,
+        "steps_per_epoch_for_default_schedule": a.steps_per_epoch,
+        "step_time": res,
+        "ratios": {
+            "loramoe/lora (median)": res["loramoe"]["median_s"] / res["lora"]["median_s"],
+            "badit_default/loramoe (mean)": res["badit"]["mean_s"] / res["loramoe"]["mean_s"],
+            "badit_dog_every_step/loramoe (mean)":
+                res["badit_dog_every_step"]["mean_s"] / res["loramoe"]["mean_s"],
+        },
+        "dog_regroup_all_layers_s": regroup_s,
+        "dog_layers": int(grads.shape[0]),
+        "dog_assign_vs_reference_kmeans": versus_sklearn(grads, runs["badit"]["method"].cfg.num_experts),
+        "provenance": provenance.collect(),
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
