@@ -55,8 +55,8 @@ def compose(overrides):
         return validate(hcompose(config_name="config", overrides=overrides))
 
 
-def build(name, model_name, cache, device):
-    cfg = compose([f"model={model_name}", *CONFIGS[name]])
+def build(name, model_name, cache, device, extra=()):
+    cfg = compose([f"model={model_name}", *CONFIGS[name], *extra])
     torch.manual_seed(0)
     base, tok = load_model_and_tokenizer(cfg.model, cache, device)
     method = registry.build(cfg.method)
@@ -83,7 +83,9 @@ def train_step(run, batch, steps_per_epoch, device):
     model, method, opt = run["model"], run["method"], run["opt"]
     t0 = time.perf_counter()
     inputs = {k: v.to(device) for k, v in batch.items() if k != "task_index"}
-    model(**inputs).loss.backward()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(**inputs).loss
+    loss.backward()
     s = run["step"]
     method.after_backward(model, opt, step=s, epoch=(s // steps_per_epoch) % 10, num_epochs=10,
                           last_of_epoch=(s + 1) % steps_per_epoch == 0)
@@ -166,13 +168,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps-per-epoch", type=int, default=30)
+    p.add_argument("--override", action="append", default=[],
+                   help="extra Hydra override for every config, e.g. model.tiny.hidden_size=1024")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "superni"))
     p.add_argument("--cache", default=str(REPO / ".cache" / "badit_exp"))
     a = p.parse_args()
     register_configs()
     device = torch.device(a.device)
-    runs = {n: build(n, a.model, Path(a.cache), device) for n in CONFIGS}
+    runs = {n: build(n, a.model, Path(a.cache), device, a.override) for n in CONFIGS}
     data = batches(runs["lora"]["tok"], Path(a.data), a.steps + a.warmup, a.batch_size, a.seq_len)
     times = {n: [] for n in CONFIGS}
     for rnd in range(a.rounds):
@@ -185,7 +189,7 @@ def main():
            for n, t in times.items()}
     regroup_s, grads = dog_cost(runs["badit"], data[0], device)
     out = {
-        "model": a.model, "device": str(device), "batch_size": a.batch_size, "seq_len": a.seq_len,
+        "model": a.model, "overrides": a.override, "device": str(device), "batch_size": a.batch_size, "seq_len": a.seq_len,
         "steps_per_epoch_for_default_schedule": a.steps_per_epoch,
         "step_time": res,
         "ratios": {

@@ -110,3 +110,24 @@ def router_usage(path: Path, tasks: Sequence[str], weights, top_k: int, title: s
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def gate_table(path: Path, tasks: Sequence[str], values, title: str) -> None:
+    """Evaluated tasks x branches gate values (GainLoRA), values in the cells."""
+    import numpy as np
+
+    W = np.asarray(values, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * W.shape[1] + 2), max(3, 0.4 * len(tasks) + 1.5)))
+    im = ax.imshow(W, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i in range(W.shape[0]):
+        for j in range(W.shape[1]):
+            ax.text(j, i, f"{W[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if W[i, j] < 0.6 else "black")
+    ax.set_yticks(range(len(tasks)), [_short(t) for t in tasks])
+    ax.set_xticks(range(W.shape[1]), [f"branch {j + 1}" for j in range(W.shape[1])], rotation=45)
+    ax.set_ylabel("evaluated task")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -67,30 +67,44 @@ def _unit(g: torch.Tensor) -> torch.Tensor:
     return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _balanced_assign(scores: torch.Tensor, cap: int) -> torch.Tensor:
-    """Exact balanced assignment maximising sum_i scores[l, i, a_i] with every expert used
-    ``cap`` times. scores: (L, n, K) -> (L, n) long. Hungarian algorithm (scipy) on the
-    (n x n) matrix whose columns repeat each expert ``cap`` times; the matrices are tiny
-    (32 x 32 in the paper), the scores themselves are computed on the gradients' device."""
-    L, n, K = scores.shape
-    s = scores.detach().double().cpu().numpy()
-    out = np.empty((L, n), dtype=np.int64)
-    for l in range(L):
-        big = np.repeat(s[l], cap, axis=1)  # column j -> expert j // cap
-        rows, cols = linear_sum_assignment(big, maximize=True)
-        out[l, rows] = cols // cap
-    return torch.from_numpy(out).to(scores.device)
+def _balanced_assign(scores: np.ndarray, cap: int, rows=None, out=None) -> np.ndarray:
+    """Exact balanced assignment maximising sum_i scores[b, i, a_i] with every expert used
+    ``cap`` times. scores: (B, n, K) -> (B, n) int64. Hungarian algorithm (scipy) on the
+    (n x n) matrix whose columns repeat each expert ``cap`` times (32 x 32 in the paper).
+    Only the batch entries in ``rows`` are solved (the others are copied from ``out``)."""
+    B, n, K = scores.shape
+    res = np.empty((B, n), dtype=np.int64) if out is None else out.copy()
+    for b in (range(B) if rows is None else rows):
+        _, cols = linear_sum_assignment(np.repeat(scores[b], cap, axis=1), maximize=True)
+        res[b] = cols // cap
+    return res
 
 
-def _centroid_sums(u: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
-    """(L, K, D): sum of the unit gradients assigned to each expert."""
-    onehot = torch.nn.functional.one_hot(assign, K).to(u.dtype)  # (L, n, K)
-    return onehot.transpose(1, 2) @ u
+def _onehot(assign: np.ndarray, K: int) -> np.ndarray:
+    return np.eye(K)[assign]  # (B, n, K)
+
+
+def _objective_gram(gram: np.ndarray, assign: np.ndarray, K: int) -> np.ndarray:
+    """sum_k ||sum_{i in k} u_i||^2 = trace(P^T G P) with P the one-hot assignment."""
+    P = _onehot(assign, K)
+    return np.einsum("bik,bij,bjk->b", P, gram, P)
 
 
 def dog_objective(u: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
     """sum_k || sum_{i in expert k} g_i ||^2 per layer (unit gradients). -> (L,)"""
-    return _centroid_sums(u, assign, K).pow(2).sum(dim=(1, 2))
+    onehot = torch.nn.functional.one_hot(assign, K).to(u.dtype)  # (L, n, K)
+    return (onehot.transpose(1, 2) @ u).pow(2).sum(dim=(1, 2))
+
+
+def _orthonormal_scores(gram: np.ndarray, assign: np.ndarray, K: int) -> np.ndarray:
+    """<u_i, q_k> with Q = U V^T from the SVD C = U S V^T of the centroid sums C = U^T P,
+    computed from the Gram matrix alone: u^T Q = G P (P^T G P)^(-1/2)."""
+    P = _onehot(assign, K)
+    GP = gram @ P  # (B, n, K) = u_i . c_k
+    M = P.transpose(0, 2, 1) @ GP  # C^T C (B, K, K)
+    w, V = np.linalg.eigh(M)
+    inv_sqrt = np.where(w > 1e-10, 1.0 / np.sqrt(np.clip(w, 1e-10, None)), 0.0)
+    return GP @ (V * inv_sqrt[:, None, :]) @ V.transpose(0, 2, 1)
 
 
 def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
@@ -103,66 +117,79 @@ def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
         num_experts: K. r = r*K / K components per expert.
         max_iters: orthogonalised-centroid iterations (SPEC: at most 10).
         kmeans_iters: spherical K-means iterations for the start.
-        n_init: K-means starts per layer, all run in one batch; the first is seeded by the
-            current grouping, the others by K components drawn with a fixed-seed generator.
-            The best final objective wins (like scikit-learn's ``n_init``).
+        n_init: K-means starts per layer; the first is seeded by the current grouping, the
+            others by K components drawn with a fixed-seed generator. The best final objective
+            wins (like scikit-learn's ``n_init``).
     Returns:
-        (layers, r*K) long tensor: each component's new expert, every expert exactly r times
-        per layer; with ``return_info`` also a dict of per-layer objectives: ``current``
-        (grouping before), ``start`` (the balanced K-means start of the winning run) and
-        ``final``.
+        (layers, r*K) long tensor on the gradients' device: each component's new expert, every
+        expert exactly r times per layer; with ``return_info`` also per-layer objectives
+        ``current`` (grouping before), ``start`` (balanced K-means start of the winning run)
+        and ``final``.
 
-    Deterministic: the same gradients give the same grouping (no global RNG is touched).
+    How: the only computation that touches the D-dimensional gradients is their Gram matrix
+    u u^T (layers x rK x rK), one batched matmul on the gradients' device. Everything after
+    (K-means, orthogonalised centroids, objectives) is written in terms of that Gram matrix
+    and runs on tiny float64 arrays on the CPU next to the Hungarian solver, with no
+    device round trip per iteration. Deterministic: no global RNG is touched.
     """
     if grads.dim() != 3:
         raise ValueError(f"grads must be (layers, r*K, D), got shape {tuple(grads.shape)}")
-    L, n, D = grads.shape
+    L, n, _ = grads.shape
     K = num_experts
     if n % K:
         raise ValueError(f"r*K = {n} components is not divisible by num_experts = {K}")
     r = n // K
-    u0 = _unit(grads.float())
-    current = torch.arange(n, device=u0.device).div(r, rounding_mode="floor").expand(L, n)
-    # batch the starts: (L * n_init, n, D)
-    u = u0.repeat_interleave(n_init, dim=0)
-    cent = _unit(_centroid_sums(u0, current, K)).repeat_interleave(n_init, dim=0)
-    if n_init > 1:
-        g = torch.Generator().manual_seed(0)
-        picks = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(L * n_init)])
-        picks = picks.to(u.device)
-        rand = torch.gather(u, 1, picks[:, :, None].expand(-1, -1, D))
-        first = (torch.arange(L * n_init, device=u.device) % n_init == 0)[:, None, None]
-        cent = torch.where(first, cent, rand)
-    # 1) spherical K-means (cosine similarity, unit-norm centroids), made balanced by the
-    #    exact assignment
+    u = _unit(grads.float())
+    G0 = (u @ u.transpose(1, 2)).double().cpu().numpy()  # (L, n, n)
+    current = np.broadcast_to(np.arange(n) // r, (L, n))
+    G = np.repeat(G0, n_init, axis=0)  # (B = L * n_init, n, n)
+    B = L * n_init
+    # spherical K-means; scores of component i against centroid k = (G P)_ik / ||c_k||
+    rng = np.random.default_rng(0)
+    lab = np.repeat(current, n_init, axis=0).copy()
+    picks = [None if b % n_init == 0 else rng.permutation(n)[:K] for b in range(B)]
+
+    def cent_scores(labels):
+        P = _onehot(labels, K)
+        GP = G @ P
+        norms = np.sqrt(np.clip(np.einsum("bik,bik->bk", P, GP), 1e-24, None))
+        return GP / norms[:, None, :], P.sum(1)
+
+    S, _ = cent_scores(lab)
+    for b in range(B):  # random starts: centroids = K drawn unit gradients
+        if picks[b] is not None:
+            S[b] = G[b][:, picks[b]]
     for _ in range(kmeans_iters):
-        lab = (u @ cent.transpose(1, 2)).argmax(-1)
-        new = _centroid_sums(u, lab, K)
-        empty = new.norm(dim=-1, keepdim=True) < 1e-12
-        cent = torch.where(empty, cent, _unit(new))
-    assign = _balanced_assign(u @ cent.transpose(1, 2), r)
-    start_obj = dog_objective(u, assign, K)
-    best, best_obj = assign.clone(), start_obj.clone()
-    # 2) orthogonalised centroids: C = U S V^T -> Q = U V^T, re-assign (balanced) to Q
-    for _ in range(max_iters):
-        C = _centroid_sums(u, assign, K).transpose(1, 2)  # (B, D, K)
-        Uc, _, Vh = torch.linalg.svd(C, full_matrices=False)
-        Q = Uc @ Vh  # orthonormal columns q_k
-        new = _balanced_assign(u @ Q, r)
-        obj = dog_objective(u, new, K)
-        better = obj > best_obj
-        best = torch.where(better[:, None], new, best)
-        best_obj = torch.maximum(obj, best_obj)
-        if torch.equal(new, assign):
+        new = S.argmax(-1)
+        S_new, counts = cent_scores(new)
+        keep = counts == 0  # empty cluster: keep its previous centroid scores
+        S = np.where(keep[:, None, :], S, S_new)
+        if np.array_equal(new, lab):
             break
+        lab = new
+    assign = _balanced_assign(S, r)
+    start_obj = _objective_gram(G, assign, K)
+    best, best_obj = assign.copy(), start_obj.copy()
+    active = list(range(B))
+    for _ in range(max_iters):  # orthogonalised centroids, balanced re-assignment
+        Sq = _orthonormal_scores(G, assign, K)
+        new = _balanced_assign(Sq, r, rows=active, out=assign)
+        obj = _objective_gram(G, new, K)
+        better = obj > best_obj
+        best[better] = new[better]
+        best_obj = np.maximum(obj, best_obj)
+        active = [b for b in active if not np.array_equal(new[b], assign[b])]
         assign = new
-    # pick the best start per layer
-    win = best_obj.view(L, n_init).argmax(-1)
-    rows = torch.arange(L, device=u.device) * n_init + win
-    result = best[rows]
+        if not active:
+            break
+    win = best_obj.reshape(L, n_init).argmax(-1)
+    rows = np.arange(L) * n_init + win
+    result = torch.from_numpy(best[rows]).to(grads.device)
     if return_info:
-        return result, {"start": start_obj[rows], "final": best_obj[rows],
-                        "current": dog_objective(u0, current, K)}
+        cur = _objective_gram(G0, np.ascontiguousarray(current), K)
+        return result, {"start": torch.from_numpy(start_obj[rows]).float(),
+                        "final": torch.from_numpy(best_obj[rows]).float(),
+                        "current": torch.from_numpy(cur).float()}
     return result
 
 
@@ -175,7 +202,8 @@ def group_angles(u: torch.Tensor, assign: torch.Tensor, K: int) -> Tuple[torch.T
     off = ~torch.eye(n, dtype=torch.bool, device=u.device)
     intra = torch.rad2deg(torch.acos(cos))
     intra = (intra * (same & off)).sum((1, 2)) / (same & off).sum((1, 2)).clamp_min(1)
-    c = _unit(_centroid_sums(u, assign, K))
+    onehot = torch.nn.functional.one_hot(assign, K).to(u.dtype)
+    c = _unit(onehot.transpose(1, 2) @ u)
     ccos = (c @ c.transpose(1, 2)).clamp(-1, 1)
     offk = ~torch.eye(K, dtype=torch.bool, device=u.device)
     inter = torch.rad2deg(torch.acos(ccos))[:, offk].mean(-1)

@@ -17,7 +17,8 @@ _REGISTRY: Dict[str, Tuple[type, type]] = {}
 
 # Modules that register methods; importing them fills the registry.
 METHOD_MODULES = ["badit_exp.methods.peft_lora", "badit_exp.methods.moe",
-                  "badit_exp.methods.badit"]
+                  "badit_exp.methods.badit", "badit_exp.methods.o_lora",
+                  "badit_exp.methods.gainlora"]
 
 
 def register(kind: str, config_cls: type) -> Callable[[type], type]:
