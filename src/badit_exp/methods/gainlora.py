@@ -89,7 +89,7 @@ def grow_basis(C: torch.Tensor, U: torch.Tensor, eps_t: float) -> torch.Tensor:
         return U.float()
     new = torch.cat([U, Ur[:, :k]], 1)
     q, _ = torch.linalg.qr(new)  # re-orthonormalise against rounding
-    return q.float()
+    return q.float().contiguous()  # QR gives column-major Q: keep matmuls bit-identical after reload
 
 
 def project_out(C: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
