@@ -217,10 +217,48 @@ class Config:
     resume: bool = True
 
 
+@dataclass
+class AnalysisConfig:
+    """``python -m badit_exp.analyze <name>`` settings (see badit_exp.analysis)."""
+
+    name: str = MISSING  # neurons | fisher | experts
+    layers: Optional[List[int]] = None  # None = a low, a middle and a high layer
+    max_examples_per_task: int = 16
+    split: str = "train"  # examples come from this split (experts: the eval split)
+    batch_size: int = 4
+    epsilon: float = 0.01  # neurons: activated when |mean act| > epsilon
+    matrices: List[str] = field(default_factory=lambda: ["gate_proj"])  # fisher: + q/k/v_proj
+    top_fraction: float = 0.01  # fisher: activated = a task's top fraction per matrix
+    threshold: Optional[float] = None  # fisher: or above this value (overrides top_fraction)
+    run_dir: Optional[str] = None  # experts: a trained loramoe/badit run directory
+    layer: int = -1  # experts: which adapted layer (-1 = the last)
+
+    def __post_init__(self) -> None:
+        _choice("analysis.name", self.name, ["neurons", "fisher", "experts"])
+        _positive("analysis.max_examples_per_task", self.max_examples_per_task)
+        _positive("analysis.epsilon", self.epsilon, allow_zero=True)
+        if not 0 < self.top_fraction <= 1:
+            raise ConfigError(f"analysis.top_fraction={self.top_fraction} must be in (0, 1].")
+        if self.name == "experts" and not self.run_dir:
+            raise ConfigError("analysis experts needs analysis.run_dir=<a trained loramoe or "
+                              "badit run directory>.")
+
+
+@dataclass
+class AnalyzeConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    analysis: AnalysisConfig = MISSING
+    seed: int = 1
+    device: str = "auto"
+
+
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(name="analyze_schema", node=AnalyzeConfig)
     from badit_exp.methods import registry  # registers the method schemas
 
     registry.store_schemas()
