@@ -67,27 +67,28 @@ def _unit(g: torch.Tensor) -> torch.Tensor:
     return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def _balanced_assign(scores: np.ndarray, cap: int, rows=None, out=None) -> np.ndarray:
+def _balanced_assign(scores: torch.Tensor, cap: int, rows=None, out=None) -> torch.Tensor:
     """Exact balanced assignment maximising sum_i scores[b, i, a_i] with every expert used
-    ``cap`` times. scores: (B, n, K) -> (B, n) int64. Hungarian algorithm (scipy) on the
-    (n x n) matrix whose columns repeat each expert ``cap`` times (32 x 32 in the paper).
+    ``cap`` times. scores: (B, n, K) CPU tensor -> (B, n) long. Hungarian algorithm (scipy) on
+    the (n x n) matrix whose columns repeat each expert ``cap`` times (32 x 32 in the paper).
     Only the batch entries in ``rows`` are solved (the others are copied from ``out``)."""
     B, n, K = scores.shape
-    res = np.empty((B, n), dtype=np.int64) if out is None else out.copy()
+    s = scores.numpy()
+    res = np.empty((B, n), dtype=np.int64) if out is None else out.numpy().copy()
     for b in (range(B) if rows is None else rows):
-        _, cols = linear_sum_assignment(np.repeat(scores[b], cap, axis=1), maximize=True)
+        _, cols = linear_sum_assignment(np.repeat(s[b], cap, axis=1), maximize=True)
         res[b] = cols // cap
-    return res
+    return torch.from_numpy(res)
 
 
-def _onehot(assign: np.ndarray, K: int) -> np.ndarray:
-    return np.eye(K)[assign]  # (B, n, K)
+def _onehot(assign: torch.Tensor, K: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(assign, K).double()  # (B, n, K)
 
 
-def _objective_gram(gram: np.ndarray, assign: np.ndarray, K: int) -> np.ndarray:
+def _objective_gram(gram: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
     """sum_k ||sum_{i in k} u_i||^2 = trace(P^T G P) with P the one-hot assignment."""
     P = _onehot(assign, K)
-    return np.einsum("bik,bij,bjk->b", P, gram, P)
+    return ((gram @ P) * P).sum((1, 2))
 
 
 def dog_objective(u: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
@@ -96,15 +97,14 @@ def dog_objective(u: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor
     return (onehot.transpose(1, 2) @ u).pow(2).sum(dim=(1, 2))
 
 
-def _orthonormal_scores(gram: np.ndarray, assign: np.ndarray, K: int) -> np.ndarray:
+def _orthonormal_scores(gram: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
     """<u_i, q_k> with Q = U V^T from the SVD C = U S V^T of the centroid sums C = U^T P,
     computed from the Gram matrix alone: u^T Q = G P (P^T G P)^(-1/2)."""
     P = _onehot(assign, K)
     GP = gram @ P  # (B, n, K) = u_i . c_k
-    M = P.transpose(0, 2, 1) @ GP  # C^T C (B, K, K)
-    w, V = np.linalg.eigh(M)
-    inv_sqrt = np.where(w > 1e-10, 1.0 / np.sqrt(np.clip(w, 1e-10, None)), 0.0)
-    return GP @ (V * inv_sqrt[:, None, :]) @ V.transpose(0, 2, 1)
+    w, V = torch.linalg.eigh(P.transpose(1, 2) @ GP)  # C^T C (B, K, K)
+    inv_sqrt = torch.where(w > 1e-10, w.clamp_min(1e-10).rsqrt(), torch.zeros_like(w))
+    return GP @ (V * inv_sqrt[:, None, :]) @ V.transpose(1, 2)
 
 
 def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
@@ -129,8 +129,9 @@ def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
     How: the only computation that touches the D-dimensional gradients is their Gram matrix
     u u^T (layers x rK x rK), one batched matmul on the gradients' device. Everything after
     (K-means, orthogonalised centroids, objectives) is written in terms of that Gram matrix
-    and runs on tiny float64 arrays on the CPU next to the Hungarian solver, with no
-    device round trip per iteration. Deterministic: no global RNG is touched.
+    and runs on tiny float64 CPU tensors next to the Hungarian solver: no device round trip
+    per iteration, and torch's own thread pool (numpy's BLAS threads would fight the
+    training threads on a small CPU). Deterministic: no global RNG is touched.
     """
     if grads.dim() != 3:
         raise ValueError(f"grads must be (layers, r*K, D), got shape {tuple(grads.shape)}")
@@ -140,56 +141,51 @@ def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
         raise ValueError(f"r*K = {n} components is not divisible by num_experts = {K}")
     r = n // K
     u = _unit(grads.float())
-    G0 = (u @ u.transpose(1, 2)).double().cpu().numpy()  # (L, n, n)
-    current = np.broadcast_to(np.arange(n) // r, (L, n))
-    G = np.repeat(G0, n_init, axis=0)  # (B = L * n_init, n, n)
+    G0 = (u @ u.transpose(1, 2)).double().cpu()  # (L, n, n)
+    current = (torch.arange(n) // r).expand(L, n)
+    G = G0.repeat_interleave(n_init, dim=0)  # (B = L * n_init, n, n)
     B = L * n_init
-    # spherical K-means; scores of component i against centroid k = (G P)_ik / ||c_k||
-    rng = np.random.default_rng(0)
-    lab = np.repeat(current, n_init, axis=0).copy()
-    picks = [None if b % n_init == 0 else rng.permutation(n)[:K] for b in range(B)]
 
     def cent_scores(labels):
         P = _onehot(labels, K)
         GP = G @ P
-        norms = np.sqrt(np.clip(np.einsum("bik,bik->bk", P, GP), 1e-24, None))
+        norms = (GP * P).sum(1).clamp_min(1e-24).sqrt()  # ||c_k||
         return GP / norms[:, None, :], P.sum(1)
 
+    # spherical K-means: scores of component i against unit centroid k = (G P)_ik / ||c_k||
+    lab = current.repeat_interleave(n_init, dim=0).clone()
     S, _ = cent_scores(lab)
+    gen = torch.Generator().manual_seed(0)
     for b in range(B):  # random starts: centroids = K drawn unit gradients
-        if picks[b] is not None:
-            S[b] = G[b][:, picks[b]]
+        if b % n_init:
+            S[b] = G[b][:, torch.randperm(n, generator=gen)[:K]]
     for _ in range(kmeans_iters):
         new = S.argmax(-1)
         S_new, counts = cent_scores(new)
-        keep = counts == 0  # empty cluster: keep its previous centroid scores
-        S = np.where(keep[:, None, :], S, S_new)
-        if np.array_equal(new, lab):
+        S = torch.where((counts == 0)[:, None, :], S, S_new)  # empty cluster: keep centroid
+        if torch.equal(new, lab):
             break
         lab = new
     assign = _balanced_assign(S, r)
     start_obj = _objective_gram(G, assign, K)
-    best, best_obj = assign.copy(), start_obj.copy()
+    best, best_obj = assign.clone(), start_obj.clone()
     active = list(range(B))
     for _ in range(max_iters):  # orthogonalised centroids, balanced re-assignment
-        Sq = _orthonormal_scores(G, assign, K)
-        new = _balanced_assign(Sq, r, rows=active, out=assign)
+        new = _balanced_assign(_orthonormal_scores(G, assign, K), r, rows=active, out=assign)
         obj = _objective_gram(G, new, K)
         better = obj > best_obj
         best[better] = new[better]
-        best_obj = np.maximum(obj, best_obj)
-        active = [b for b in active if not np.array_equal(new[b], assign[b])]
+        best_obj = torch.maximum(obj, best_obj)
+        active = [b for b in active if not torch.equal(new[b], assign[b])]
         assign = new
         if not active:
             break
-    win = best_obj.reshape(L, n_init).argmax(-1)
-    rows = np.arange(L) * n_init + win
-    result = torch.from_numpy(best[rows]).to(grads.device)
+    win = best_obj.view(L, n_init).argmax(-1)
+    rows = torch.arange(L) * n_init + win
+    result = best[rows].to(grads.device)
     if return_info:
-        cur = _objective_gram(G0, np.ascontiguousarray(current), K)
-        return result, {"start": torch.from_numpy(start_obj[rows]).float(),
-                        "final": torch.from_numpy(best_obj[rows]).float(),
-                        "current": torch.from_numpy(cur).float()}
+        return result, {"start": start_obj[rows].float(), "final": best_obj[rows].float(),
+                        "current": _objective_gram(G0, current.contiguous(), K).float()}
     return result
 
 

@@ -1,0 +1,187 @@
+"""Gather runs into Table-1-style tables: ``python -m badit_exp.report <dirs...> [--out DIR]``.
+
+Every ``metrics.json`` under the given directories (run dirs, sweep dirs, ``outputs/``) is
+read; runs are grouped by model x method x mode AND by the rest of their config (everything
+but the seed, the seed-derived task order, paths, logging and resume flags), so runs with
+different settings are never averaged together: they become separate rows with a ``variant``
+tag naming the differing keys. Each metric of SPEC section 3 is reported as mean ± sample std
+over seeds, with the paper's number (SPEC section 7) beside it when the run is at paper scale.
+Writes ``report.md``, ``report.tex`` and ``report.json`` to ``--out`` and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+METRICS = ["rouge", "forward", "forget_rate", "backward", "forget_rate_textbook",
+           "backward_textbook"]
+IGNORED = {"seed", "run_name", "paths", "logger", "resume", "task_order",
+           "training_mode.single_results", "trainer.eval_batch_size", "trainer.log_every",
+           "trainer.num_threads", "trainer.checkpoint_every_steps"}
+
+# SPEC section 7, Table 1: model -> method -> (mixed rouge, seq rouge, seq forget, seq backward)
+PAPER = {
+    "qwen3-8b": {"lora": (54.22, 47.08, 9.21, -8.11), "olora": (54.53, 48.57, 8.73, -6.78),
+                 "loramoe": (54.64, 48.07, 8.47, -6.23), "pissa": (53.57, 47.69, 7.50, -6.83),
+                 "gainlora": (54.33, 48.44, 8.96, -6.42), "badit": (55.87, 50.86, 6.95, -5.43)},
+    "qwen3-4b": {"lora": (53.31, 48.54, 8.53, -6.68), "olora": (53.50, 47.83, 8.78, -6.47),
+                 "loramoe": (53.63, 48.58, 8.50, -6.25), "pissa": (52.87, 48.26, 8.05, -6.12),
+                 "gainlora": (53.24, 48.07, 8.47, -6.23), "badit": (55.22, 50.74, 5.95, -4.21)},
+    "llama3-8b": {"lora": (52.58, 44.88, 12.41, -10.23), "olora": (52.89, 45.25, 11.45, -10.01),
+                  "loramoe": (52.95, 45.47, 11.78, -9.71), "pissa": (52.88, 45.23, 12.54, -10.67),
+                  "gainlora": (52.71, 45.04, 12.70, -10.94), "badit": (54.75, 48.83, 8.57, -3.49)},
+    "llama3-3b": {"lora": (50.07, 45.14, 9.79, -4.91), "olora": (49.83, 45.59, 10.07, -5.95),
+                  "loramoe": (49.72, 46.20, 8.58, -3.51), "pissa": (49.64, 45.49, 9.13, -5.27),
+                  "gainlora": (49.60, 45.34, 9.67, -5.66), "badit": (51.45, 48.13, 6.25, -2.57)},
+    "gemma2-9b": {"lora": (55.16, 46.80, 10.46, -9.38), "olora": (54.78, 46.05, 11.20, -13.57),
+                  "loramoe": (54.78, 46.98, 11.99, -10.11), "pissa": (54.20, 44.93, 12.27, -14.80),
+                  "gainlora": (54.29, 46.51, 12.62, -10.80), "badit": (57.35, 48.34, 10.31, -8.45)},
+    "gemma2-2b": {"lora": (51.72, 43.16, 13.21, -11.28), "olora": (51.82, 44.93, 10.94, -10.55),
+                  "loramoe": (51.36, 43.88, 11.66, -9.95), "pissa": (50.96, 42.57, 12.74, -10.57),
+                  "gainlora": (51.26, 44.16, 11.81, -10.27), "badit": (53.60, 46.76, 9.30, -7.65)},
+}
+
+
+def _flat(d: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def _keep(key: str) -> bool:
+    return not any(key == i or key.startswith(i + ".") for i in IGNORED)
+
+
+def paper_scale(cfg: Dict) -> bool:
+    d, t = cfg.get("data", {}), cfg.get("trainer", {})
+    return (d.get("max_train_per_task") == 1000 and d.get("max_eval_per_task") == 100
+            and d.get("max_seq_len") == 1024 and d.get("max_new_tokens") == 50
+            and t.get("epochs") == 10 and len(d.get("tasks", [])) == 15)
+
+
+def paper_value(model: str, method: str, mode: str, metric: str) -> Optional[float]:
+    row = PAPER.get(model, {}).get(method)
+    if row is None:
+        return None
+    if mode == "mixed":
+        return row[0] if metric == "rouge" else None
+    if mode == "sequential":
+        return {"rouge": row[1], "forget_rate": row[2], "backward": row[3]}.get(metric)
+    return None
+
+
+def collect(dirs: List[Path]) -> List[Dict]:
+    runs = []
+    for d in dirs:
+        files = [d] if d.is_file() else sorted(d.rglob("metrics.json"))
+        for f in files:
+            try:
+                m = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                print(f"skipping unreadable {f}", file=sys.stderr)
+                continue
+            if "config" in m and "mode" in m:
+                m["_path"] = str(f.parent)
+                runs.append(m)
+    return runs
+
+
+def group(runs: List[Dict]) -> List[Dict]:
+    """Rows: one per (model, method, mode, config-without-seed)."""
+    buckets: Dict[tuple, List[Dict]] = {}
+    for r in runs:
+        cfg = {k: v for k, v in _flat(r["config"]).items() if _keep(k)}
+        key = (r["model"], r["method"], r["mode"], json.dumps(cfg, sort_keys=True))
+        buckets.setdefault(key, []).append(r)
+    rows = []
+    by_triple: Dict[tuple, List[tuple]] = {}
+    for key in buckets:
+        by_triple.setdefault(key[:3], []).append(key)
+    for triple, keys in sorted(by_triple.items()):
+        cfgs = [json.loads(k[3]) for k in keys]
+        differing = sorted({k for c in cfgs for k in c if any(c.get(k) != o.get(k) for o in cfgs)})
+        for k, cfg in zip(keys, cfgs):
+            members = sorted(buckets[k], key=lambda r: r["seed"])
+            variant = ", ".join(f"{d}={json.loads(cfg[d]) if d in cfg else None}" for d in differing)
+            row = {"model": triple[0], "method": triple[1], "mode": triple[2], "variant": variant,
+                   "seeds": [r["seed"] for r in members], "runs": [r["_path"] for r in members],
+                   "paper_scale": paper_scale(members[0]["config"])}
+            for m in METRICS:
+                vals = [r.get(m) for r in members if r.get(m) is not None]
+                row[m] = {"mean": statistics.mean(vals) if vals else None,
+                          "std": statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None),
+                          "n": len(vals),
+                          "paper": paper_value(triple[0], triple[1], triple[2], m)
+                          if row["paper_scale"] else None}
+            rows.append(row)
+    return rows
+
+
+def _cell(c: Dict, tex: bool = False) -> str:
+    if c["mean"] is None:
+        return "–"
+    pm = r"$\pm$" if tex else "±"
+    s = f"{c['mean']:.2f} {pm} {c['std']:.2f}"
+    if c["paper"] is not None:
+        s += f" ({c['paper']:.2f})"
+    return s
+
+
+def markdown(rows: List[Dict]) -> str:
+    head = ["model", "method", "mode", "variant", "seeds", *METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([r["model"], r["method"], r["mode"], r["variant"] or "",
+                                          ",".join(map(str, r["seeds"])),
+                                          *[_cell(r[m]) for m in METRICS]]) + " |")
+    lines.append("\nmean ± sample std over seeds; (paper value, SPEC §7) where the run is at paper scale.")
+    return "\n".join(lines) + "\n"
+
+
+def latex(rows: List[Dict]) -> str:
+    cols = ["model", "method", "mode", "seeds", *METRICS]
+    out = [r"\begin{tabular}{llll" + "r" * len(METRICS) + "}", r"\toprule",
+           " & ".join(c.replace("_", r"\_") for c in cols) + r" \\", r"\midrule"]
+    for r in rows:
+        name = r["method"] + (f" [{r['variant']}]" if r["variant"] else "")
+        out.append(" & ".join([r["model"], name.replace("_", r"\_"), r["mode"],
+                               str(len(r["seeds"])), *[_cell(r[m], tex=True) for m in METRICS]])
+                   + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m badit_exp.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", type=Path, help="run / sweep / outputs directories")
+    p.add_argument("--out", type=Path, default=None, help="where to write report.* (default: first dir)")
+    a = p.parse_args(argv)
+    runs = collect(a.dirs)
+    if not runs:
+        print(f"error: no metrics.json under {[str(d) for d in a.dirs]}", file=sys.stderr)
+        return 2
+    rows = group(runs)
+    out = a.out or (a.dirs[0] if a.dirs[0].is_dir() else a.dirs[0].parent)
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(rows)
+    (out / "report.md").write_text(md)
+    (out / "report.tex").write_text(latex(rows))
+    (out / "report.json").write_text(json.dumps(rows, indent=2))
+    print(md)
+    print(f"written: {out}/report.md, report.tex, report.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

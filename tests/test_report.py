@@ -1,0 +1,76 @@
+"""`python -m badit_exp.report`: grouping, mean/std by hand, never averaging different configs;
+Hydra multirun sweeps over seeds."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+from badit_exp import report
+from conftest import CACHE, REPO, SUPERNI, TASKS3
+
+
+def _fake(tmp, name, seed, rouge, forget, cfg_extra=None, model="qwen3-8b", mode="sequential"):
+    cfg = {"data": {"max_train_per_task": 1000, "max_eval_per_task": 100, "max_seq_len": 1024,
+                    "max_new_tokens": 50, "tasks": [f"t{i}" for i in range(15)]},
+           "trainer": {"epochs": 10, "lr": 2e-4}, "seed": seed, "run_name": name,
+           "method": {"name": "badit"}, "task_order": {"name": f"order{seed}"}}
+    if cfg_extra:
+        cfg["trainer"].update(cfg_extra)
+    m = {"mode": mode, "model": model, "method": "badit", "seed": seed, "config": cfg,
+         "rouge": rouge, "forward": None, "forget_rate": forget, "backward": -1.0,
+         "forget_rate_textbook": 1.0, "backward_textbook": -2.0}
+    d = tmp / name
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+def test_mean_std_by_hand_and_paper_numbers(tmp_path):
+    _fake(tmp_path, "s1", 1, 50.0, 6.0)
+    _fake(tmp_path, "s2", 2, 52.0, 8.0)
+    _fake(tmp_path, "s3", 3, 54.0, 7.0)
+    rows = report.group(report.collect([tmp_path]))
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["seeds"] == [1, 2, 3]
+    assert r["rouge"]["mean"] == pytest.approx(52.0)
+    assert r["rouge"]["std"] == pytest.approx(2.0)  # sample std of 50, 52, 54
+    assert r["forget_rate"]["mean"] == pytest.approx(7.0) and r["forget_rate"]["std"] == pytest.approx(1.0)
+    assert r["forward"]["mean"] is None
+    assert r["rouge"]["paper"] == 50.86 and r["forget_rate"]["paper"] == 6.95
+
+
+def test_different_configs_are_not_averaged(tmp_path):
+    _fake(tmp_path, "a1", 1, 50.0, 6.0)
+    _fake(tmp_path, "a2", 2, 52.0, 6.0)
+    _fake(tmp_path, "b1", 1, 10.0, 6.0, cfg_extra={"lr": 1e-3})
+    rows = report.group(report.collect([tmp_path]))
+    assert len(rows) == 2
+    by_var = {r["variant"]: r for r in rows}
+    assert any("trainer.lr=0.001" in v for v in by_var)
+    assert sorted(r["rouge"]["mean"] for r in rows) == [10.0, 51.0]
+
+
+def test_cli_writes_files(tmp_path):
+    _fake(tmp_path, "s1", 1, 50.0, 6.0)
+    out = subprocess.run([sys.executable, "-m", "badit_exp.report", str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    assert "| qwen3-8b | badit | sequential |" in out.stdout
+    assert (tmp_path / "report.tex").read_text().startswith("\\begin{tabular}")
+    assert json.loads((tmp_path / "report.json").read_text())[0]["seeds"] == [1]
+
+
+def test_multirun_seed_sweep_then_report(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "badit_exp.train", "-m", "seed=1,2", "model=tiny-llama",
+                          f"data.root={SUPERNI}", f"data.tasks=[{','.join(TASKS3[:2])}]",
+                          "data.max_train_per_task=2", "data.max_eval_per_task=1", "data.max_new_tokens=2",
+                          "trainer.epochs=1", f"paths.cache_dir={CACHE}", f"paths.output_dir={tmp_path}",
+                          f"hydra.sweep.dir={tmp_path}/sweep"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "metrics.json").exists())
+    assert runs == ["tiny-llama-lora-mixed-seed1", "tiny-llama-lora-mixed-seed2"]
+    rows = report.group(report.collect([tmp_path / "sweep"]))
+    assert len(rows) == 1 and rows[0]["seeds"] == [1, 2] and not rows[0]["paper_scale"]
