@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from badit_exp import report
-from conftest import CACHE, REPO, SUPERNI, TASKS3
+from badit_exp.config import validate
+from conftest import CACHE, REPO, SUPERNI, TASKS3, compose_cfg
 
 
 def _fake(tmp, name, seed, rouge, forget, cfg_extra=None, model="qwen3-8b", mode="sequential"):
@@ -74,3 +75,42 @@ def test_multirun_seed_sweep_then_report(tmp_path):
     assert runs == ["tiny-llama-lora-mixed-seed1", "tiny-llama-lora-mixed-seed2"]
     rows = report.group(report.collect([tmp_path / "sweep"]))
     assert len(rows) == 1 and rows[0]["seeds"] == [1, 2] and not rows[0]["paper_scale"]
+
+
+def test_timing_ratios(tmp_path):
+    for i, (method, secs) in enumerate([("loramoe", 10.0), ("loramoe", 14.0), ("lora", 9.0), ("badit", 15.0)]):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({
+            "mode": "sequential", "model": "m", "method": method, "seed": i, "config": {},
+            "timing": {"t1": {"train_s": secs / 2}, "t2": {"train_s": secs / 2}}}))
+    rows = {r["method"]: r for r in report.timing(report.collect([tmp_path]))}
+    assert rows["loramoe"]["train_s"] == pytest.approx(12.0)
+    assert rows["lora"]["ratio_vs_loramoe"] == pytest.approx(0.75)
+    assert rows["badit"]["ratio_vs_loramoe"] == pytest.approx(1.25)
+
+
+TARGETS = ["table1", "table2", "fig4", "fig12"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("scale", ["smoke", "paper"])
+def test_makefile_targets_compose(target, scale):
+    """Dry run: every training command of the target composes (first value of each sweep)."""
+    import shlex
+
+    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", target, f"SCALE={scale}",
+                          "MODEL=smollm2-135m", "PY=python"], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    cmds = [l for l in out.stdout.splitlines() if "badit_exp.train -m" in l]
+    assert cmds, out.stdout
+    for c in cmds:
+        args = shlex.split(c)
+        args = args[args.index("-m", args.index("badit_exp.train")) + 1:]
+        first = [a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0]
+                 if "=" in a and "," in a.split("=", 1)[1] and not a.split("=", 1)[1].startswith("[")
+                 else a for a in args]
+        cfg = validate(compose_cfg([a for a in first if not a.startswith("hydra.")]))
+        assert cfg.model.name == "smollm2-135m"
+        if scale == "paper":
+            assert cfg.data.max_train_per_task == 1000 and cfg.trainer.epochs == 10
