@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from badit_exp.io_utils import flatten
+
 METRICS = ["rouge", "forward", "forget_rate", "backward", "forget_rate_textbook",
            "backward_textbook"]
 IGNORED = {"seed", "run_name", "paths", "logger", "resume", "task_order",
@@ -45,17 +47,6 @@ PAPER = {
                   "loramoe": (51.36, 43.88, 11.66, -9.95), "pissa": (50.96, 42.57, 12.74, -10.57),
                   "gainlora": (51.26, 44.16, 11.81, -10.27), "badit": (53.60, 46.76, 9.30, -7.65)},
 }
-
-
-def _flat(d: Dict, prefix: str = "") -> Dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = json.dumps(v, sort_keys=True)
-    return out
 
 
 def _keep(key: str) -> bool:
@@ -100,7 +91,7 @@ def group(runs: List[Dict]) -> List[Dict]:
     """Rows: one per (model, method, mode, config-without-seed)."""
     buckets: Dict[tuple, List[Dict]] = {}
     for r in runs:
-        cfg = {k: v for k, v in _flat(r["config"]).items() if _keep(k)}
+        cfg = {k: json.dumps(v, sort_keys=True) for k, v in flatten(r["config"]).items() if _keep(k)}
         key = (r["model"], r["method"], r["mode"], json.dumps(cfg, sort_keys=True))
         buckets.setdefault(key, []).append(r)
     rows = []

@@ -38,7 +38,7 @@ from badit_exp.data.prompts import tokenize_task
 from badit_exp.data.superni import Task, load_task, resolve_task_names
 from badit_exp.evaluation.generate import evaluate_task
 from badit_exp.evaluation.scoring import summary_score
-from badit_exp.io_utils import atomic_write_json, atomic_write_text, write_jsonl
+from badit_exp.io_utils import atomic_write_json, atomic_write_text, flatten, write_jsonl
 from badit_exp.methods import registry
 from badit_exp.models import load_model, load_tokenizer, resolve_device
 from badit_exp.training import checkpoint as ckpt
@@ -107,19 +107,8 @@ def plan_stages(cfg: Config) -> List[Stage]:
     return [Stage(t, [t], [t], True) for t in order]
 
 
-def _flat(d: Dict, prefix: str = "") -> Dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_diff(old: Dict, new: Dict) -> List[str]:
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     ign = lambda k: any(k == i or k.startswith(i + ".") for i in RESUME_IGNORED)  # noqa: E731
     return sorted(k for k in set(a) | set(b) if not ign(k) and a.get(k) != b.get(k))
 
