@@ -216,3 +216,12 @@ def test_continual_resume_mid_task_equals_uninterrupted(tmp_path, monkeypatch, m
         else:
             torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
     assert (tmp_path / "crash" / "scores.csv").read_text() == (tmp_path / "ref" / "scores.csv").read_text()
+
+
+@pytest.mark.parametrize("method", ["o_lora", "gainlora"])
+def test_mixed_mode_is_the_one_task_form(tmp_path, method):
+    m = run_tiny(tmp_path / "r", tiny_overrides(tmp_path, tasks=TASKS3[:2],
+                                                extra=[f"method={method}", "trainer.epochs=2"]))
+    assert m["mode"] == "mixed" and set(m["scores"]) == set(TASKS3[:2])
+    t = m["timing"]["mixed"]
+    assert t["last_loss"] < t["first_loss"]
