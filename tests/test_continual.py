@@ -26,12 +26,11 @@ def test_o_lora_loss_terms_hand_computed():
         layer.lora_B.copy_(torch.tensor([[3.0], [4.0]]))
     assert float(layer.overlap(squared=False)) == 0.0  # nothing previous yet
     layer.append_and_reset()
-    with torch.no_grad():
-        layer.lora_A.copy_(torch.tensor([[-1.0, 0.5, 2.0]]))
-    # A_prev A^T = 1*(-1) + 2*0.5 + 0 = 0 ; make it non-zero:
+    assert torch.equal(layer.olora_prev_A, torch.tensor([[1.0, 2.0, 0.0]]))
     with torch.no_grad():
         layer.lora_A.copy_(torch.tensor([[2.0, -3.0, 1.0]]))
-    assert float(layer.overlap(squared=False)) == pytest.approx(abs(2 - 6))
+    # A_prev A_t^T = 1*2 + 2*(-3) + 0*1 = -4
+    assert float(layer.overlap(squared=False)) == pytest.approx(4.0)
     assert float(layer.overlap(squared=True)) == pytest.approx(16.0)
     assert torch.equal(layer.lora_B, torch.zeros(2, 1))  # reset after appending
 

@@ -78,7 +78,6 @@ class MoLoRALinear(nn.Module):
         self._cached_gates: Optional[torch.Tensor] = None
         self.last_gates: Optional[torch.Tensor] = None
         self.stats_sum = torch.zeros(num_experts, dtype=torch.float64)
-        self.stats_top = torch.zeros(num_experts, dtype=torch.float64)
         self.stats_n = 0
 
     # -- routing ----------------------------------------------------------------------------
@@ -129,12 +128,10 @@ class MoLoRALinear(nn.Module):
         if g.dim() == 3:
             g = g.reshape(-1, g.shape[-1])
         self.stats_sum += g.sum(0)
-        self.stats_top += (g > 0).double().sum(0) if self.top_k < self.num_experts else 0
         self.stats_n += g.shape[0]
 
     def reset_stats(self) -> None:
         self.stats_sum.zero_()
-        self.stats_top.zero_()
         self.stats_n = 0
 
     # -- components -------------------------------------------------------------------------
