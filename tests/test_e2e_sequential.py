@@ -108,12 +108,22 @@ def test_resume_after_crash_between_tasks_equals_uninterrupted(tmp_path, monkeyp
     assert res["forget_rate"] == ref["forget_rate"]
 
 
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch):
+def _log_rows(path, keys):
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
+@pytest.mark.parametrize("method", ["lora", "badit"])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method):
+    from badit_exp.methods.badit import Badit
+
+    klass = {"lora": PeftLora, "badit": Badit}[method]
+    extra = ["method.dog.every_n_steps=1", "method.dog.until_fraction=1.0"] if method == "badit" else []
     over = tiny_overrides(tmp_path, extra=SEQ + ["trainer.epochs=2", "trainer.checkpoint_every_steps=1",
-                                                  "method.dropout=0.1"])
+                                                  "method.dropout=0.1", f"method={method}", *extra])
     run_tiny(tmp_path / "ref", over)
     calls = {"n": 0}
-    orig = PeftLora.after_optimizer_step
+    orig = klass.after_optimizer_step
 
     def crash_on_6th(self, model, opt):
         calls["n"] += 1
@@ -121,15 +131,24 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch):
             raise Crash()
         return orig(self, model, opt)
 
-    monkeypatch.setattr(PeftLora, "after_optimizer_step", crash_on_6th)
+    monkeypatch.setattr(klass, "after_optimizer_step", crash_on_6th)
     with pytest.raises(Crash):
         run_tiny(tmp_path / "crash", over)
-    monkeypatch.setattr(PeftLora, "after_optimizer_step", orig)
+    monkeypatch.setattr(klass, "after_optimizer_step", orig)
     meta = json.loads((tmp_path / "crash" / "checkpoints" / "in_stage" / "meta.json").read_text())
     assert meta["stage"] == 1
     run_tiny(tmp_path / "crash", over)
     assert _adapter(tmp_path / "crash") == _adapter(tmp_path / "ref")
     assert (tmp_path / "crash" / "scores.csv").read_text() == (tmp_path / "ref" / "scores.csv").read_text()
+    # the logs hold each step once, with the same numbers
+    keys = ["step", "train/loss", "train/stage"]
+    ref_rows = [r for r in _log_rows(tmp_path / "ref" / "train_log.jsonl", keys) if r["train/loss"] is not None]
+    new_rows = [r for r in _log_rows(tmp_path / "crash" / "train_log.jsonl", keys) if r["train/loss"] is not None]
+    assert new_rows == ref_rows
+    if method == "badit":
+        keys = ["regroup", "step", "stage", "mean_objective_after", "mean_moved"]
+        assert _log_rows(tmp_path / "crash" / "dog_log.jsonl", keys) == \
+            _log_rows(tmp_path / "ref" / "dog_log.jsonl", keys)
 
 
 def test_corrupted_checkpoint_is_reported(tmp_path, monkeypatch):

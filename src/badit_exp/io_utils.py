@@ -44,3 +44,14 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def truncate_jsonl(path: str | Path, keep) -> None:
+    """Rewrite a JSON-lines file keeping the rows for which ``keep(row)`` is true."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    kept = [r for r in rows if keep(r)]
+    if len(kept) != len(rows):
+        write_jsonl(path, kept)

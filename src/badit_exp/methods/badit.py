@@ -385,6 +385,16 @@ class Badit(MoLoRA):
                 state["exp_avg"].div_(scale)
                 state["exp_avg_sq"].div_(scale ** 2)
 
+    def on_resume(self, stage_name: str, step: int) -> None:
+        if self.run_dir is not None:
+            from badit_exp.io_utils import truncate_jsonl
+
+            truncate_jsonl(self.run_dir / "dog_log.jsonl",
+                           lambda r: not (r.get("stage") == stage_name and r.get("step", -1) >= step))
+            n = sum(1 for _ in open(self.run_dir / "dog_log.jsonl")) \
+                if (self.run_dir / "dog_log.jsonl").exists() else 0
+            self.regroups = n
+
     # -- results ------------------------------------------------------------------------------
     def on_stage_end(self, model, stage_index, stage_name, train_batches):
         super().on_stage_end(model, stage_index, stage_name, train_batches)

@@ -85,6 +85,9 @@ class Method:
     def after_optimizer_step(self, model, optimizer) -> None:
         pass
 
+    def on_resume(self, stage_name: str, step: int) -> None:
+        """A stage resumes after ``step`` optimizer steps: drop diagnostics logged after it."""
+
     # -- evaluation hooks -------------------------------------------------------------------
     def start_eval(self, task: str) -> None:
         """Before generating for ``task`` (e.g. switch on router statistics)."""

@@ -38,7 +38,8 @@ from badit_exp.data.prompts import tokenize_task
 from badit_exp.data.superni import Task, load_task, resolve_task_names
 from badit_exp.evaluation.generate import evaluate_task
 from badit_exp.evaluation.scoring import summary_score
-from badit_exp.io_utils import atomic_write_json, atomic_write_text, flatten, write_jsonl
+from badit_exp.io_utils import (atomic_write_json, atomic_write_text, flatten,
+                                truncate_jsonl, write_jsonl)
 from badit_exp.methods import registry
 from badit_exp.models import load_model, load_tokenizer, resolve_device
 from badit_exp.training import checkpoint as ckpt
@@ -219,6 +220,12 @@ class Runner:
                 resume_state = tstate
                 log.info("resuming stage %d (%s) at epoch %d, batch %d", i, stage.name,
                          tstate["position"]["epoch"], tstate["position"]["batch"])
+        # logs written after the checkpoint we resume from would otherwise appear twice
+        done_steps = resume_state["position"]["step"] if resume_state else 0
+        last = progress["global_step"] + done_steps
+        truncate_jsonl(self.logger.path, lambda r: not (r.get("train/stage") == stage.name
+                                                        and r.get("step", 0) > last))
+        method.on_resume(stage.name, done_steps)
 
         def save(pos: Position, tstate: Dict) -> None:
             ckpt.save(in_stage, method.state_dict(model), {"stage": i, "stage_name": stage.name},
