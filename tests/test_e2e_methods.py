@@ -46,7 +46,14 @@ def test_reloaded_adapter_scores_identically(tmp_path, method):
     over = tiny_overrides(tmp_path, tasks=TASKS2, extra=[f"method={method}", "trainer.epochs=1",
                                                          "data.max_new_tokens=8"])
     run_tiny(tmp_path / "r", over)
-    model, tok, _ = load_trained(tmp_path / "r", CACHE)
+    model, tok, method_obj = load_trained(tmp_path / "r", CACHE)
+    # the trained state really is loaded (greedy text alone can hide a missed load on a tiny model)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "r" / "adapter" / "adapter.safetensors"))
+    now = method_obj.state_dict(model)
+    assert saved.keys() == now.keys() and all(torch.equal(saved[k], now[k]) for k in saved)
+    assert any(("lora_B" in k) and saved[k].abs().sum() > 0 for k in saved)
     from badit_exp.data import load_task
     from badit_exp.data.prompts import tokenize_task
     from conftest import SUPERNI

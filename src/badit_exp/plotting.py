@@ -11,6 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _short(task: str) -> str:
     return task.split("_")[0]
 
@@ -26,9 +32,7 @@ def bar_scores(path: Path, tasks: Sequence[str], scores: Sequence[float], title:
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def heatmap(path: Path, stages: Sequence[str], tasks: Sequence[str], A, title: str) -> None:
@@ -47,9 +51,7 @@ def heatmap(path: Path, stages: Sequence[str], tasks: Sequence[str], A, title: s
     ax.set_ylabel("after training stage")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def latex_matrix(stages: Sequence[str], tasks: Sequence[str], A) -> str:
@@ -74,22 +76,16 @@ def dog_angles(log_path: Path, path: Path) -> None:
         return
     x = list(range(1, len(rows) + 1))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(x, [r["mean_inter_angle_before"] for r in rows], "o--", c="#C44E52", alpha=0.5,
-            label="inter-expert, before")
-    ax.plot(x, [r["mean_inter_angle_after"] for r in rows], "o-", c="#C44E52",
-            label="inter-expert, after")
-    ax.plot(x, [r["mean_intra_angle_before"] for r in rows], "s--", c="#4C72B0", alpha=0.5,
-            label="intra-expert, before")
-    ax.plot(x, [r["mean_intra_angle_after"] for r in rows], "s-", c="#4C72B0",
-            label="intra-expert, after")
+    for kind, marker, color in (("inter", "o", "#C44E52"), ("intra", "s", "#4C72B0")):
+        for when, ls, alpha in (("before", "--", 0.5), ("after", "-", 1.0)):
+            ax.plot(x, [r[f"mean_{kind}_angle_{when}"] for r in rows], marker + ls, c=color,
+                    alpha=alpha, label=f"{kind}-expert, {when}")
     ax.axhline(90, c="grey", lw=0.8, ls=":")
     ax.set_xlabel("regroup")
     ax.set_ylabel("mean gradient angle (deg)")
     ax.set_ylim(0, 180)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def router_usage(path: Path, tasks: Sequence[str], weights, top_k: int, title: str) -> None:
@@ -107,9 +103,7 @@ def router_usage(path: Path, tasks: Sequence[str], weights, top_k: int, title: s
     ax.set_xlabel("expert")
     ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def gate_table(path: Path, tasks: Sequence[str], values, title: str) -> None:
@@ -128,6 +122,4 @@ def gate_table(path: Path, tasks: Sequence[str], values, title: str) -> None:
     ax.set_ylabel("evaluated task")
     ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)

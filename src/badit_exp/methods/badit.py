@@ -389,11 +389,9 @@ class Badit(MoLoRA):
         if self.run_dir is not None:
             from badit_exp.io_utils import truncate_jsonl
 
-            truncate_jsonl(self.run_dir / "dog_log.jsonl",
-                           lambda r: not (r.get("stage") == stage_name and r.get("step", -1) >= step))
-            n = sum(1 for _ in open(self.run_dir / "dog_log.jsonl")) \
-                if (self.run_dir / "dog_log.jsonl").exists() else 0
-            self.regroups = n
+            path = self.run_dir / "dog_log.jsonl"
+            truncate_jsonl(path, lambda r: not (r.get("stage") == stage_name and r.get("step", -1) >= step))
+            self.regroups = len(path.read_text().splitlines()) if path.exists() else 0
 
     # -- results ------------------------------------------------------------------------------
     def on_stage_end(self, model, stage_index, stage_name, train_batches):

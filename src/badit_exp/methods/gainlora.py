@@ -223,6 +223,7 @@ class GainLora(Method):
         self._reuse_cached = None
         self.gate_table: Dict[str, Dict[str, List[float]]] = {}
         self.stage_name = ""
+        self._training_task = False  # true between on_stage_start and on_stage_end
         self._hook = model.register_forward_pre_hook(self._gate_hook, with_kwargs=True)
         return model
 
@@ -257,8 +258,6 @@ class GainLora(Method):
         if self.ctx.record is not None:
             self.ctx.record.append(g.detach().cpu())
         return None
-
-    _training_task = False
 
     # -- statistics ---------------------------------------------------------------------------
     def _batches(self, model, examples):
