@@ -84,10 +84,10 @@ def test_resume_after_crash_between_tasks_equals_uninterrupted(tmp_path, monkeyp
     calls = {"n": 0}
     orig = runner_mod.Runner.evaluate
 
-    def crashing_evaluate(self, model, method, i, stage, final):
+    def crashing_evaluate(self, model, method, i, stage, final, **kw):
         if i == 1:  # task 2 trained and checkpointed, evaluation not done
             raise Crash()
-        return orig(self, model, method, i, stage, final)
+        return orig(self, model, method, i, stage, final, **kw)
 
     monkeypatch.setattr(runner_mod.Runner, "evaluate", crashing_evaluate)
     with pytest.raises(Crash):

@@ -201,6 +201,40 @@ class LoggerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data parallelism (``conf/distributed/``). Launch one process per GPU with the
+    ``deepspeed`` launcher (or torchrun); ``none`` refuses to run under a multi-process launch.
+
+    ddp: torch DistributedDataParallel, every process holds the full optimizer state.
+    zero2: DeepSpeed ZeRO stage 2 (optimizer states and gradients partitioned, no CPU offload,
+    the paper's setting); the DeepSpeed JSON is generated from this group and ``trainer`` and
+    written to ``<run_dir>/deepspeed_config.json``; ``deepspeed`` entries are merged on top.
+    """
+
+    name: str = "none"  # none | ddp | zero2
+    backend: str = "auto"  # process group: auto = nccl on CUDA, gloo on CPU
+    timeout_minutes: int = 60  # collective timeout (long evaluations run between collectives)
+    find_unused_parameters: bool = False  # ddp: true if some trainable parameter gets no grad
+    zero_stage: int = 2
+    overlap_comm: bool = True  # zero2: overlap gradient reduction with backward
+    contiguous_gradients: bool = True  # zero2: copy gradients to a contiguous buffer
+    reduce_bucket_size: int = 500_000_000  # zero2: elements per reduction bucket
+    allgather_bucket_size: int = 500_000_000  # zero2: elements per all-gather bucket
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # raw keys merged into the JSON
+
+    def __post_init__(self) -> None:
+        _choice("distributed.name", self.name, ["none", "ddp", "zero2"])
+        _choice("distributed.backend", self.backend, ["auto", "nccl", "gloo"])
+        _positive("distributed.timeout_minutes", self.timeout_minutes)
+        _choice("distributed.zero_stage", self.zero_stage, [1, 2])
+        for key in ("optimizer", "scheduler"):
+            if key in self.deepspeed:
+                raise ConfigError(f"distributed.deepspeed.{key} is set; the optimizer and the "
+                                  "schedule come from trainer.* (one AdamW for every engine), "
+                                  f"remove distributed.deepspeed.{key}.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     method: Any = MISSING  # typed by the method's own schema (see badit_exp.methods)
@@ -210,6 +244,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     seed: int = 1
     run_name: str = MISSING
     # true: continue the run found in the run directory (same config required);
@@ -256,6 +291,12 @@ class AnalyzeConfig:
 
 def register_configs() -> None:
     """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    import os
+
+    # "" on rank 0 / single process, ".rank<N>" otherwise: per-process Hydra log files
+    OmegaConf.register_new_resolver(
+        "badit_rank_suffix", lambda: "" if int(os.environ.get("RANK", "0")) == 0
+        else f".rank{os.environ['RANK']}", replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="analyze_schema", node=AnalyzeConfig)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from badit_exp.data.prompts import collate_eval
 from badit_exp.evaluation.scoring import aggregate, score_one
+from badit_exp.training import distributed as D
 
 
 @torch.no_grad()
@@ -18,15 +19,18 @@ def generate(model, tok, examples: Sequence[Dict], *, batch_size: int, max_new_t
     """Greedy continuations of tokenised prompts, decoded without the prompt.
 
     Prompts are batched by length (longest first) to limit padding; results come back in the
-    input order.
+    input order. Under data parallelism the *batches* are dealt to ranks (batch b to rank
+    b % world) and the texts gathered: every batch is the one a single process would run, so
+    the predictions are identical to a one-process evaluation.
     """
     model.eval()
+    rank, world = D.rank(), D.world_size()
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-    out: List[str] = [""] * len(examples)
+    starts = list(range(0, len(order), batch_size))[rank::world]
+    mine: List = []
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False,
-                      disable=len(order) <= batch_size):
+    for start in tqdm(starts, desc=desc, leave=False, disable=len(starts) <= 1 or rank > 0):
         idx = order[start: start + batch_size]
         batch = collate_eval([examples[i] for i in idx], tok.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -36,8 +40,12 @@ def generate(model, tok, examples: Sequence[Dict], *, batch_size: int, max_new_t
                                  eos_token_id=tok.eos_token_id, temperature=None, top_p=None,
                                  top_k=None)
         cont = gen[:, batch["input_ids"].shape[1]:]
-        for i, text in zip(idx, tok.batch_decode(cont, skip_special_tokens=True)):
-            out[i] = text.strip()
+        mine += [(i, text.strip()) for i, text in
+                 zip(idx, tok.batch_decode(cont, skip_special_tokens=True))]
+    out: List[str] = [""] * len(examples)
+    for part in D.all_gather_object(mine):
+        for i, text in part:
+            out[i] = text
     return out
 
 

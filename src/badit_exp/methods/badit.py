@@ -32,6 +32,8 @@ from badit_exp.config import ConfigError
 from badit_exp.methods.moe import MoLoRA, MoLoRAConfig
 from badit_exp.methods.moe.layer import MoLoRALinear
 from badit_exp.methods.registry import register
+from badit_exp.training import distributed as D
+from badit_exp.training.engine import as_access
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +283,14 @@ class Badit(MoLoRA):
         by_step = dog.every_n_steps > 0 and (step + 1) % dog.every_n_steps == 0
         return by_step or (dog.at_epoch_end and last_of_epoch)
 
-    def component_grads(self, name: str, layer: MoLoRALinear) -> Optional[torch.Tensor]:
-        """(r*K, in + out): row i of dL/dA next to column i of dL/dB."""
-        if layer.lora_A.grad is None or layer.lora_B.grad is None:
+    def component_grads(self, name: str, layer: MoLoRALinear, opt=None) -> Optional[torch.Tensor]:
+        """(r*K, in + out): row i of dL/dA next to column i of dL/dB, reduced over all ranks
+        (``opt``: the engine, which knows where ZeRO keeps the gradient partitions)."""
+        opt = as_access(opt)
+        gA, gB = opt.grad(layer.lora_A), opt.grad(layer.lora_B)
+        if gA is None or gB is None:
             return None
-        return torch.cat([layer.lora_A.grad, layer.lora_B.grad.t()], dim=1)
+        return torch.cat([gA, gB.t()], dim=1)
 
     def after_backward(self, model, optimizer, step, epoch, num_epochs, last_of_epoch=False):
         dog = self.cfg.dog
@@ -293,7 +298,7 @@ class Badit(MoLoRA):
             return
         if dog.grad_source == "ema":
             for name, layer in self.layers.items():
-                g = self.component_grads(name, layer)
+                g = self.component_grads(name, layer, optimizer)
                 if g is None:
                     continue
                 prev = self._ema.get(name)
@@ -306,13 +311,19 @@ class Badit(MoLoRA):
     @torch.no_grad()
     def regroup(self, optimizer, step: int = -1, epoch: int = -1) -> Dict:
         """Regroup every layer (layers of one shape in one batched call); permute parameters,
-        gradients, EMA buffers and the optimizer's moments identically. Returns diagnostics."""
+        gradients, EMA buffers and the optimizer's moments identically. Returns diagnostics.
+
+        ``optimizer``: the training engine (or a torch optimizer, or None). Under data
+        parallelism the gradients are the reduced ones, identical on every rank, and rank 0's
+        assignment is broadcast anyway so no rank can drift on a floating-point tie.
+        """
+        optimizer = as_access(optimizer)
         K = self.cfg.num_experts
         by_shape: Dict[Tuple, List[str]] = {}
         grads: Dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
             g = self._ema.get(name) if self.cfg.dog.grad_source == "ema" else \
-                self.component_grads(name, layer)
+                self.component_grads(name, layer, optimizer)
             if g is None:
                 continue
             grads[name] = g
@@ -321,6 +332,7 @@ class Badit(MoLoRA):
         for names in by_shape.values():
             G = torch.stack([grads[n] for n in names])
             assign, info = dog_assign(G, K, max_iters=self.cfg.dog.max_iters, return_info=True)
+            assign = D.broadcast_tensor(assign, src=0)
             u = _unit(G.float())
             cur = torch.arange(G.shape[1], device=G.device).div(G.shape[1] // K,
                                                                 rounding_mode="floor")
@@ -364,26 +376,16 @@ class Badit(MoLoRA):
             ok = a_new.abs() > 1e-8
             scale = torch.where(ok, alpha[old_exp] / torch.where(ok, a_new, torch.ones_like(a_new)),
                                 torch.ones_like(a_new))
-        for p, dim in ((A, 0), (B, 1)):
-            p.data.copy_(p.data.index_select(dim, perm))
-            if p.grad is not None:
-                p.grad.copy_(p.grad.index_select(dim, perm))
-            state = optimizer.state.get(p, {}) if optimizer is not None else {}
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key].copy_(state[key].index_select(dim, perm))
+        for p, dim in ((A, 0), (B, 1)):  # param, pending grad, fp32 master, Adam moments
+            optimizer.transform(p, lambda t, dim=dim: t.index_select(dim, perm))
         if name in self._ema:
             self._ema[name].copy_(self._ema[name].index_select(0, perm))
         if scale is not None:
             # B' = c B  =>  dL/dB' = dL/dB / c, Adam moments m/c and v/c^2: the next step on
             # the rescaled parameter is the rescaled step
-            B.data.mul_(scale)
-            if B.grad is not None:
-                B.grad.div_(scale)
-            state = optimizer.state.get(B, {}) if optimizer is not None else {}
-            if "exp_avg" in state:
-                state["exp_avg"].div_(scale)
-                state["exp_avg_sq"].div_(scale ** 2)
+            optimizer.transform(B, lambda t: t * scale.to(t.dtype), grad_fn=lambda g: g / scale,
+                                moment_fns={"exp_avg": lambda m: m / scale,
+                                            "exp_avg_sq": lambda v: v / scale ** 2})
 
     def on_resume(self, stage_name: str, step: int) -> None:
         if self.run_dir is not None:

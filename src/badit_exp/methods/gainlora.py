@@ -42,6 +42,7 @@ from badit_exp.data.prompts import collate_train
 from badit_exp.methods.base import Method, MethodConfig
 from badit_exp.methods.moe.layer import replace_linears
 from badit_exp.methods.registry import register
+from badit_exp.training.engine import as_access
 
 
 @dataclass
@@ -347,18 +348,25 @@ class GainLora(Method):
         if self._snap is None or self.tasks_done == 0:
             return
         g, (W1, W2, key) = self.gates, self._snap
-        g.W1.copy_(projected_step(W1, g.W1, self.bases["U1"], right=True))
-        g.W2.copy_(projected_step(W2, g.W2, self.bases["U2"], right=True))
-        g.key.copy_(projected_step(key, g.key, self.bases["U3"], right=False))
+        opt = as_access(optimizer)  # under ZeRO the fp32 master copies are rewritten too
+        opt.set_param(g.W1, projected_step(W1, g.W1, self.bases["U1"], right=True))
+        opt.set_param(g.W2, projected_step(W2, g.W2, self.bases["U2"], right=True))
+        opt.set_param(g.key, projected_step(key, g.key, self.bases["U3"], right=False))
 
     # -- diagnostics: gate of every branch on every task's test inputs ------------------------
     def start_eval(self, task):
         self.ctx.record = []
 
     def end_eval(self, task):
+        from badit_exp.training import distributed as D
+
         rec, self.ctx.record = self.ctx.record, None
-        if rec:
-            self.gate_table.setdefault(self.stage_name, {})[task] = torch.cat(rec).mean(0).tolist()
+        # evaluation is sharded over ranks: pool every shard's gate sums and counts
+        local = (torch.cat(rec).double().sum(0), sum(r.shape[0] for r in rec)) if rec else None
+        parts = [x for x in D.all_gather_object(local) if x is not None]
+        if parts:
+            total = sum(p[0] for p in parts) / sum(p[1] for p in parts)
+            self.gate_table.setdefault(self.stage_name, {})[task] = total.float().tolist()
 
     def after_evaluate(self, stage_name):
         if self.run_dir is None or stage_name not in self.gate_table:

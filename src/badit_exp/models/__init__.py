@@ -110,7 +110,8 @@ def load_model(cfg, cache_dir: Path, device: torch.device,
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: works with frozen inputs, DDP and ZeRO (the reentrant variant does not)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
 

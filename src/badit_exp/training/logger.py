@@ -10,11 +10,17 @@ from typing import Dict, Optional
 
 
 class RunLogger:
+    """Rank 0 logs; on other ranks (``enabled=False``) every call is a no-op."""
+
     def __init__(self, run_dir: Path, backend: str = "none", project: str = "badit_exp",
-                 run_name: str = "run", mode: str = "offline", config: Optional[Dict] = None):
+                 run_name: str = "run", mode: str = "offline", config: Optional[Dict] = None,
+                 enabled: bool = True):
         self.path = Path(run_dir) / "train_log.jsonl"
+        self.enabled = enabled
         self._wandb = None
         self._tb = None
+        if not enabled:
+            return
         if backend == "wandb":
             import wandb
 
@@ -26,6 +32,8 @@ class RunLogger:
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def log(self, values: Dict, step: int) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         numeric = {k: v for k, v in values.items() if isinstance(v, (int, float))}

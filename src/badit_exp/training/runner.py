@@ -8,6 +8,10 @@ The three training modes are one loop over *stages* (SPEC section 2):
 * ``single``: one stage per task, each from the pristine base model; evaluate that task only
   -> a_{t,0} for ``forward``.
 
+Data parallel runs (``distributed=ddp|zero2``): every rank runs this same code on its shard;
+rank 0 alone writes files (config, logs, checkpoints, predictions, results) and the others
+return ``None`` from :meth:`Runner.run`.
+
 Named steps: :meth:`Runner.setup`, :meth:`Runner.build_model`, :meth:`Runner.train_stage`,
 :meth:`Runner.evaluate`, :meth:`Runner.checkpoint_stage`, :meth:`Runner.finish`.
 Progress lives in ``<run_dir>/progress.json`` (atomic); a killed run started again with the
@@ -43,6 +47,7 @@ from badit_exp.io_utils import (atomic_write_json, atomic_write_text, flatten,
 from badit_exp.methods import registry
 from badit_exp.models import load_model, load_tokenizer, resolve_device
 from badit_exp.training import checkpoint as ckpt
+from badit_exp.training import distributed as D
 from badit_exp.training.logger import RunLogger
 from badit_exp.training.loop import Position, train_stage
 
@@ -126,19 +131,25 @@ class Runner:
         cfg = self.cfg
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
-        self.device = resolve_device(cfg.trainer.device)
+        device = resolve_device(cfg.trainer.device)
+        self.dist = D.init(cfg.distributed, device)
+        self.device = D.device_for(self.dist, device)
+        self.is_main = self.dist.is_main
         prec = cfg.trainer.precision
         use_bf16 = prec == "bf16" or (prec == "auto" and self.device.type == "cuda"
                                       and torch.cuda.is_bf16_supported())
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.cache_dir = Path(cfg.paths.cache_dir).expanduser().resolve()
         self.stages = plan_stages(cfg)
-        self.tok = load_tokenizer(cfg.model, self.cache_dir)
-        self._load_data()
+        with D.main_first():  # rank 0 fills the model and tokenisation caches, then the others
+            self.tok = load_tokenizer(cfg.model, self.cache_dir)
+            self._load_data()
         self.resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        self._check_run_dir()
+        if self.is_main:
+            self._check_run_dir()
+        D.barrier()
         self.logger = RunLogger(self.run_dir, cfg.logger.name, cfg.logger.project, cfg.run_name,
-                                cfg.logger.mode, self.resolved)
+                                cfg.logger.mode, self.resolved, enabled=self.is_main)
 
     def _load_data(self) -> None:
         d = self.cfg.data
@@ -180,13 +191,14 @@ class Runner:
     # ------------------------------------------------------------------------------ model
     def build_model(self):
         """Pristine base model + the method's adapter (deterministic from the seed)."""
-        seed_everything(self.cfg.seed)
-        base = load_model(self.cfg.model, self.cache_dir, self.device,
-                          vocab_size=len(self.tok) if self.cfg.model.source == "tiny" else None)
+        seed_everything(self.cfg.seed)  # same seed on every rank: identical adapters
+        with D.main_first():
+            base = load_model(self.cfg.model, self.cache_dir, self.device,
+                              vocab_size=len(self.tok) if self.cfg.model.source == "tiny" else None)
         if base.generation_config is not None:
             base.generation_config.pad_token_id = self.tok.pad_token_id
         method = registry.build(self.cfg.method)
-        method.run_dir = self.run_dir
+        method.run_dir = self.run_dir if self.is_main else None  # diagnostics: rank 0 writes
         method.task_names = list(self.cfg.data.tasks)
         model = method.apply(base)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -206,7 +218,8 @@ class Runner:
                                        "directory to start over.") from None
 
     def _save_progress(self, progress: Dict) -> None:
-        atomic_write_json(self.progress_path, progress)
+        if self.is_main:
+            atomic_write_json(self.progress_path, progress)
 
     # ------------------------------------------------------------------------------ steps
     def train_stage(self, model, method, i: int, stage: Stage, progress: Dict) -> Dict:
@@ -223,32 +236,39 @@ class Runner:
         # logs written after the checkpoint we resume from would otherwise appear twice
         done_steps = resume_state["position"]["step"] if resume_state else 0
         last = progress["global_step"] + done_steps
-        truncate_jsonl(self.logger.path, lambda r: not (r.get("train/stage") == stage.name
-                                                        and r.get("step", 0) > last))
+        if self.is_main:
+            truncate_jsonl(self.logger.path, lambda r: not (r.get("train/stage") == stage.name
+                                                            and r.get("step", 0) > last))
         method.on_resume(stage.name, done_steps)
 
         def save(pos: Position, tstate: Dict) -> None:
-            ckpt.save(in_stage, method.state_dict(model), {"stage": i, "stage_name": stage.name},
-                      tstate)
+            if self.is_main:
+                ckpt.save(in_stage, method.state_dict(model),
+                          {"stage": i, "stage_name": stage.name}, tstate)
+            D.barrier()
 
         return train_stage(model, method, examples, tcfg=self.cfg.trainer,
                            pad_id=self.tok.pad_token_id, seed=self.cfg.seed, stage_index=i,
                            stage_name=stage.name, device=self.device,
                            autocast_dtype=self.autocast_dtype, logger=self.logger,
                            global_step_offset=progress["global_step"], resume=resume_state,
-                           save_checkpoint=save)
+                           save_checkpoint=save, dcfg=self.cfg.distributed,
+                           run_dir=self.run_dir)
 
-    def evaluate(self, model, method, i: int, stage: Stage,
-                 final: bool) -> Dict[str, Dict[str, float]]:
+    def evaluate(self, model, method, i: int, stage: Stage, final: bool,
+                 step: int = 0) -> Dict[str, Dict[str, float]]:
         """Evaluate ``stage.eval_tasks``; per-task results are kept as they finish so a crash
-        during evaluation does not redo finished tasks."""
+        during evaluation does not redo finished tasks. Generation is sharded over ranks (see
+        :func:`badit_exp.evaluation.generate.generate`); rank 0 writes."""
         partial_path = self.ckpt_dir / f"eval_stage_{i}.json"
         done = json.loads(partial_path.read_text()) if partial_path.exists() else {}
+        done = D.broadcast_object(done)  # every rank evaluates the same remaining tasks
         pred_dir = self.run_dir / "predictions"
         if self.cfg.training_mode.name == "sequential":
             pred_dir = pred_dir / f"after_{i:02d}_{stage.name}"
         todo = [t for t in stage.eval_tasks if t not in done]
-        for t in tqdm(todo, desc=f"evaluate after {stage.name}", disable=len(todo) < 2):
+        for t in tqdm(todo, desc=f"evaluate after {stage.name}",
+                      disable=len(todo) < 2 or not self.is_main):
             method.start_eval(t)
             scores, records = evaluate_task(
                 model, self.tok, self.eval_tasks[t], self.eval_examples[t],
@@ -256,24 +276,27 @@ class Runner:
                 max_new_tokens=self.cfg.data.max_new_tokens, device=self.device,
                 autocast_dtype=self.autocast_dtype)
             method.end_eval(t)
-            write_jsonl(pred_dir / f"{t}.jsonl", records)
-            if final and pred_dir != self.run_dir / "predictions":
-                write_jsonl(self.run_dir / "predictions" / f"{t}.jsonl", records)
             done[t] = scores
-            atomic_write_json(partial_path, done)
+            if self.is_main:
+                write_jsonl(pred_dir / f"{t}.jsonl", records)
+                if final and pred_dir != self.run_dir / "predictions":
+                    write_jsonl(self.run_dir / "predictions" / f"{t}.jsonl", records)
+                atomic_write_json(partial_path, done)
             self.logger.log({f"eval/{t}/rougeL": scores["rougeL"],
                              f"eval/{t}/exact_match": scores["exact_match"], "eval/stage": i},
-                            step=0)
+                            step=step)
         method.after_evaluate(stage.name)
         return done
 
     def checkpoint_stage(self, model, method, i: int) -> None:
-        ckpt.save(self.ckpt_dir / f"stage_{i}", method.state_dict(model), {"stage": i})
+        if self.is_main:
+            ckpt.save(self.ckpt_dir / f"stage_{i}", method.state_dict(model), {"stage": i})
+        D.barrier()
 
     # ------------------------------------------------------------------------------ run
     def run(self) -> Dict:
         self.setup()
-        progress = self._load_progress()
+        progress = D.broadcast_object(self._load_progress() if self.is_main else None)
         model = method = None
         n = len(self.stages)
         for i, stage in enumerate(self.stages):
@@ -292,7 +315,8 @@ class Runner:
             t_train = time.perf_counter() - t0
             self.checkpoint_stage(model, method, i)
             t1 = time.perf_counter()
-            scores = self.evaluate(model, method, i, stage, final=(i == n - 1))
+            scores = self.evaluate(model, method, i, stage, final=(i == n - 1),
+                                   step=progress["global_step"] + summary["steps"])
             progress["results"][stage.name] = scores
             progress["timing"][stage.name] = {"train_s": t_train,
                                               "eval_s": time.perf_counter() - t1,
@@ -304,16 +328,19 @@ class Runner:
             progress["global_step"] += summary["steps"]
             self._save_progress(progress)
             # the stage is recorded: drop what only its resumption needed
-            for old in [self.ckpt_dir / "in_stage", self.ckpt_dir / f"eval_stage_{i}",
-                        self.ckpt_dir / f"stage_{i - 1}"]:
+            stale = [self.ckpt_dir / "in_stage", self.ckpt_dir / f"eval_stage_{i}",
+                     self.ckpt_dir / f"stage_{i - 1}"]
+            for old in stale if self.is_main else []:
                 if old.is_dir():
                     shutil.rmtree(old)
                 elif old.with_suffix(".json").exists():
                     old.with_suffix(".json").unlink()
-        if model is not None:
+        self.model, self.method = model, method  # the trained adapter, for notebooks and tests
+        if model is not None and self.is_main:
             self._export_adapter(model, method)
-        result = self.finish(progress)
+        result = self.finish(progress) if self.is_main else None
         self.logger.close()
+        D.barrier()
         return result
 
     def _export_adapter(self, model, method) -> None:

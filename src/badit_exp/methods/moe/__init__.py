@@ -126,7 +126,16 @@ class MoLoRA(Method):
 
     def end_eval(self, task: str) -> None:
         self.ctx.record = False
-        per_layer = {n: (l.stats_sum / max(l.stats_n, 1)).tolist() for n, l in self.layers.items()}
+        # evaluation is sharded over ranks: sum the statistics of every shard
+        from badit_exp.training import distributed as D
+
+        K = self.cfg.num_experts
+        flat = D.all_reduce_sum([x for l in self.layers.values()
+                                 for x in [*l.stats_sum.tolist(), float(l.stats_n)]])
+        per_layer = {}
+        for i, n in enumerate(self.layers):
+            row = flat[i * (K + 1): (i + 1) * (K + 1)]
+            per_layer[n] = [v / max(row[K], 1) for v in row[:K]]
         self.router_stats.setdefault(self.stage_name, {})[task] = per_layer
         if self.run_dir is not None:
             from badit_exp.io_utils import atomic_write_json

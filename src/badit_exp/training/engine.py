@@ -1,0 +1,361 @@
+"""The optimisation engine of one stage: one process, DDP, or DeepSpeed ZeRO-2.
+
+The loop (:mod:`badit_exp.training.loop`) and the methods talk to an :class:`Engine` only:
+
+* ``forward`` / ``backward(loss, boundary)`` / ``step()``: a micro-batch, and the optimizer
+  step at an accumulation boundary (clipping, AdamW, the warm-up schedule, zeroing).
+* ``grad(p)``: the full gradient of parameter ``p``, reduced over all processes.
+* ``transform(p, fn, ...)`` / ``set_param(p, value)``: rewrite a parameter *and everything the
+  optimizer holds for it* (pending gradient, fp32 master copy, Adam moments). This is how DOG
+  permutes components and GainLoRA projects updates without knowing which engine runs.
+* ``state_dict`` / ``load_state_dict``: the optimizer, schedule and step count as full
+  per-parameter tensors, so a checkpoint does not depend on the number of processes.
+
+Under ZeRO-2 the gradients, fp32 master weights and moments are partitioned across ranks;
+``deepspeed.utils.safe_get_full_* / safe_set_full_*`` read and write them as full tensors (they
+are collectives: every rank calls them in the same order, which the methods do since they walk
+their layers in a fixed order). The model's own parameter tensors (the low-precision copies the
+forward uses) are rewritten too, so they agree with the master weights at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from transformers import get_scheduler
+
+from badit_exp.training import distributed as D
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def make_scheduler(optimizer, tcfg, total_steps: int):
+    warmup = math.ceil(tcfg.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if tcfg.lr_scheduler == "constant" else tcfg.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def deepspeed_config(tcfg, dcfg, world_size: int, bf16: bool) -> Dict:
+    """The DeepSpeed JSON for ``distributed=zero2``: micro batch, accumulation and clipping from
+    ``trainer``, ZeRO knobs from ``distributed``, then ``distributed.deepspeed`` merged on top."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": tcfg.per_device_batch_size,
+        "gradient_accumulation_steps": tcfg.grad_accum_steps,
+        "train_batch_size": tcfg.per_device_batch_size * tcfg.grad_accum_steps * world_size,
+        "gradient_clipping": float(tcfg.max_grad_norm or 0.0),
+        "bf16": {"enabled": bool(bf16)},
+        "fp16": {"enabled": False},
+        "zero_optimization": {
+            "stage": dcfg.zero_stage,
+            "overlap_comm": dcfg.overlap_comm,
+            "contiguous_gradients": dcfg.contiguous_gradients,
+            "reduce_scatter": True,
+            "reduce_bucket_size": dcfg.reduce_bucket_size,
+            "allgather_bucket_size": dcfg.allgather_bucket_size,
+            "offload_optimizer": {"device": "none"},
+        },
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, wrapped by ZeRO
+        "steps_per_print": 10**9,  # the loop logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, dict(dcfg.deepspeed))
+
+
+def _merge(base: Dict, extra: Dict) -> Dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class OptimizerAccess:
+    """``grad`` / ``transform`` / ``set_param`` over a plain torch optimizer (or none): what a
+    method needs to rewrite a parameter together with its optimizer state."""
+
+    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None):
+        self.optimizer = optimizer
+
+    def grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        return p.grad
+
+    @torch.no_grad()
+    def transform(self, p: torch.nn.Parameter, fn: Fn, grad_fn: Optional[Fn] = None,
+                  moment_fns: Optional[Dict[str, Fn]] = None) -> None:
+        """p <- fn(p); pending grad <- grad_fn(grad); Adam moment k <- moment_fns[k](moment).
+        ``grad_fn`` and every missing moment function default to ``fn`` (a permutation)."""
+        grad_fn = grad_fn or fn
+        moment_fns = {k: (moment_fns or {}).get(k, fn) for k in MOMENTS}
+        p.data.copy_(fn(p.data))
+        if p.grad is not None:
+            p.grad.copy_(grad_fn(p.grad))
+        state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+        for k in MOMENTS:
+            if k in state:
+                state[k].copy_(moment_fns[k](state[k]))
+
+    @torch.no_grad()
+    def set_param(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        p.data.copy_(value)
+
+
+def as_access(obj) -> OptimizerAccess:
+    """An engine passes through; a torch optimizer (or None, e.g. in tests) is wrapped."""
+    return obj if isinstance(obj, OptimizerAccess) else OptimizerAccess(obj)
+
+
+class Engine(OptimizerAccess):
+    """One process (world of one, no wrapper) or torch DDP; the optimizer is a plain AdamW."""
+
+    def __init__(self, model, named_params: List[Tuple[str, torch.nn.Parameter]], tcfg,
+                 total_steps: int, *, ddp: bool = False, find_unused_parameters: bool = False,
+                 device: Optional[torch.device] = None):
+        self.module = model
+        self.named = named_params
+        self.params = [p for _, p in named_params]
+        self.tcfg = tcfg
+        self.optimizer = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, tcfg, total_steps)
+        self.wrapped = model
+        self.ddp = ddp and D.world_size() > 1
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # only the adapter is synchronised: the frozen base is identical on every rank
+            trainable = {id(p) for p in self.params}
+            ignore = [n for n, p in model.named_parameters() if id(p) not in trainable]
+            ignore += [n for n, _ in model.named_buffers()]
+            DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+            self.wrapped = DDP(model, device_ids=[device.index] if device is not None and
+                               device.type == "cuda" else None, broadcast_buffers=False,
+                               find_unused_parameters=find_unused_parameters)
+
+    # -- the step -----------------------------------------------------------------------------
+    autocast_ok = True  # the loop may autocast the forward
+
+    def forward(self, **inputs):
+        return self.wrapped(**inputs)
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        """``loss`` of one micro-batch; gradients are averaged over accumulation and ranks."""
+        scaled = loss / self.tcfg.grad_accum_steps
+        if self.ddp and not boundary:
+            with self.wrapped.no_sync():  # reduce once per optimizer step
+                scaled.backward()
+        else:
+            scaled.backward()
+
+    def step(self) -> None:
+        if self.tcfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def last_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> Dict:
+        return {"engine": "torch", "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state.get("engine", "torch") == "torch":
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            _load_full_state(self, state)
+        _load_scheduler(self.scheduler, state["scheduler"])
+
+    def full_state(self) -> Dict:
+        """Per-parameter full tensors (what a ZeRO checkpoint holds), for cross-engine loads."""
+        out = {}
+        for n, p in self.named:
+            st = self.optimizer.state.get(p, {})
+            out[n] = {"fp32": p.detach().float().cpu().clone(),
+                      **{k: st[k].detach().cpu().clone() for k in MOMENTS if k in st}}
+        return out
+
+
+def _load_scheduler(scheduler, state: Dict) -> None:
+    """A scheduler's state_dict does not carry the learning rate it last set: put it back into
+    the optimizer's groups (a torch optimizer's own state_dict has it, ZeRO's full state not)."""
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def _load_full_state(eng: Engine, state: Dict) -> None:
+    """Load a ZeRO checkpoint's full per-parameter state into a torch AdamW."""
+    step = state["step"]
+    for n, p in eng.named:
+        st = state["params"][n]
+        p.data.copy_(st["fp32"].to(p.device, p.dtype))
+        if step and "exp_avg" in st:
+            eng.optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                      **{k: st[k].to(p.device) for k in MOMENTS}}
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO (stage 2 by default) around the same AdamW and schedule."""
+
+    autocast_ok = False  # DeepSpeed's bf16 mode casts the module; fp32 runs need no autocast
+
+    def __init__(self, model, named_params, tcfg, total_steps, *, dcfg, bf16: bool,
+                 config_path: Optional[Path] = None):
+        import deepspeed
+
+        self.module = model
+        self.named = named_params
+        self.params = [p for _, p in named_params]
+        self.tcfg = tcfg
+        base = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        self.scheduler = make_scheduler(base, tcfg, total_steps)
+        self.ds_config = deepspeed_config(tcfg, dcfg, D.world_size(), bf16)
+        if config_path is not None and D.rank() == 0:
+            config_path.write_text(json.dumps(self.ds_config, indent=2))
+        self.wrapped, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=base, config=self.ds_config)
+        self.base_optimizer = base  # param_groups shared with ZeRO: the schedule drives it
+
+    def forward(self, **inputs):
+        return self.wrapped(**inputs)
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.wrapped.set_gradient_accumulation_boundary(boundary)
+        self.wrapped.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
+
+    def step(self) -> None:
+        self.wrapped.step()  # clipping, AdamW on the fp32 partitions, all-gather, zero grads
+        self.scheduler.step()
+
+    def last_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # -- full tensors of partitioned state ----------------------------------------------------
+    def _moments_exist(self) -> bool:
+        return bool(getattr(self.optimizer, "_hp_optimizer_states_linked", False))
+
+    def grad(self, p):
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(p)
+
+    @torch.no_grad()
+    def transform(self, p, fn, grad_fn=None, moment_fns=None) -> None:
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad,
+                                     safe_get_full_optimizer_state, safe_set_full_fp32_param,
+                                     safe_set_full_grad, safe_set_full_optimizer_state)
+
+        grad_fn = grad_fn or fn
+        moment_fns = {k: (moment_fns or {}).get(k, fn) for k in MOMENTS}
+        master = fn(safe_get_full_fp32_param(p))
+        safe_set_full_fp32_param(p, master)
+        p.data.copy_(master.to(p.dtype))  # the forward's copy follows the master at once
+        g = safe_get_full_grad(p)
+        if g is not None:
+            safe_set_full_grad(p, grad_fn(g))
+        if self._moments_exist():
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(
+                    p, moment_fns[k](safe_get_full_optimizer_state(p, k)), k)
+
+    @torch.no_grad()
+    def set_param(self, p, value) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value.float())
+        p.data.copy_(value.to(p.dtype))
+
+    # -- checkpoints: full tensors, independent of the number of ranks ------------------------
+    def full_state(self) -> Dict:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out = {}
+        for n, p in self.named:
+            out[n] = {"fp32": safe_get_full_fp32_param(p).cpu().clone()}
+            if self._moments_exist():
+                for k in MOMENTS:
+                    out[n][k] = safe_get_full_optimizer_state(p, k).cpu().clone()
+        return out
+
+    def _step_count(self) -> int:
+        for st in self.optimizer.optimizer.state.values():
+            if "step" in st:
+                return int(st["step"])
+        return 0
+
+    def state_dict(self) -> Dict:
+        return {"engine": "deepspeed", "params": self.full_state(), "step": self._step_count(),
+                "scheduler": self.scheduler.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Dict) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if state.get("engine") != "deepspeed":  # a one-process / DDP checkpoint
+            state = {"params": _torch_full_state(self.named, state["optimizer"]),
+                     "step": _torch_step(state["optimizer"]), "scheduler": state["scheduler"]}
+        step = state["step"]
+        if step and not self._moments_exist():
+            self._create_moments()
+        for n, p in self.named:
+            st = state["params"][n]
+            safe_set_full_fp32_param(p, st["fp32"].to(p.device))
+            p.data.copy_(st["fp32"].to(p.device, p.dtype))
+            if step and "exp_avg" in st:
+                for k in MOMENTS:
+                    safe_set_full_optimizer_state(p, st[k].to(p.device), k)
+        if step:
+            for st in self.optimizer.optimizer.state.values():
+                if "step" in st:
+                    st["step"].fill_(step) if torch.is_tensor(st["step"]) else st.update(step=step)
+        _load_scheduler(self.scheduler, state["scheduler"])
+
+    def _create_moments(self) -> None:
+        """AdamW creates its state lazily at the first step: take a zero step at lr 0 on the fp32
+        partitions so the moments exist (then overwritten from the checkpoint)."""
+        opt = self.optimizer
+        inner = opt.optimizer
+        lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+            for q in g["params"]:
+                q.grad = torch.zeros_like(q)
+        inner.step()
+        for g, lr in zip(inner.param_groups, lrs):
+            g["lr"] = lr
+            for q in g["params"]:
+                q.grad = None
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _torch_full_state(named, opt_state: Dict) -> Dict:
+    """A torch AdamW state_dict (params indexed in ``named`` order) as per-name full tensors."""
+    out = {}
+    for i, (n, p) in enumerate(named):
+        st = opt_state["state"].get(i, {})
+        out[n] = {"fp32": p.detach().float().cpu(),
+                  **{k: st[k] for k in MOMENTS if k in st}}
+    return out
+
+
+def _torch_step(opt_state: Dict) -> int:
+    for st in opt_state["state"].values():
+        return int(st["step"])
+    return 0
+
+
+def build_engine(model, tcfg, dcfg, total_steps: int, device: torch.device, bf16: bool,
+                 config_path: Optional[Path] = None) -> Engine:
+    """The engine ``distributed.name`` asks for, over the model's trainable parameters."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if dcfg.name == "zero2":
+        return DeepSpeedEngine(model, named, tcfg, total_steps, dcfg=dcfg, bf16=bf16,
+                               config_path=config_path)
+    return Engine(model, named, tcfg, total_steps, ddp=dcfg.name == "ddp",
+                  find_unused_parameters=dcfg.find_unused_parameters, device=device)

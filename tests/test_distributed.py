@@ -1,0 +1,210 @@
+"""Data parallelism: DDP and DeepSpeed ZeRO-2 with two CPU processes (gloo), DOG under both.
+
+The two-process tests launch ``tests/dist_worker.py`` with torchrun, exactly as a user launches
+``badit_exp.train``: different data shards per rank, DOG regrouping at every optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from badit_exp.config import ConfigError, DistributedConfig, TrainerConfig, validate
+from badit_exp.training import distributed as D
+from badit_exp.training.engine import deepspeed_config
+from badit_exp.training.loop import epoch_batches
+from conftest import CACHE, REPO, SUPERNI, compose_cfg, tiny_overrides
+
+try:
+    import deepspeed  # noqa: F401
+    HAS_DS = True
+except Exception:  # noqa: BLE001 - any import failure means: no ZeRO here
+    HAS_DS = False
+
+TASKS2 = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,bs,world", [(10, 2, 2), (7, 2, 2), (9, 1, 4), (3, 2, 2), (8, 3, 1)])
+def test_epoch_batches_shard_every_example_to_equal_step_counts(n, bs, world):
+    shards = [epoch_batches(n, bs, seed=1, stage=0, epoch=0, rank=r, world_size=world)
+              for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank takes the same number of steps
+    seen = [i for s in shards for b in s for i in b]
+    assert set(seen) == set(range(n))  # nothing left out (padding repeats a few examples)
+    assert len(seen) - n < world * bs
+    if world == 1:  # one process: the historical order, last batch short
+        assert shards[0] == epoch_batches(n, bs, seed=1, stage=0, epoch=0)
+    else:
+        assert shards[0] != shards[1]
+
+
+def test_deepspeed_json_comes_from_trainer_and_distributed():
+    t = TrainerConfig(per_device_batch_size=2, grad_accum_steps=4, max_grad_norm=0.5)
+    d = DistributedConfig(name="zero2", deepspeed={"zero_optimization": {"overlap_comm": False},
+                                                   "communication_data_type": "fp32"})
+    js = deepspeed_config(t, d, world_size=8, bf16=True)
+    assert js["train_batch_size"] == 2 * 4 * 8
+    assert js["train_micro_batch_size_per_gpu"] == 2 and js["gradient_accumulation_steps"] == 4
+    assert js["gradient_clipping"] == 0.5 and js["bf16"]["enabled"] is True
+    z = js["zero_optimization"]
+    assert z["stage"] == 2 and z["overlap_comm"] is False and z["contiguous_gradients"] is True
+    assert z["offload_optimizer"]["device"] == "none"  # the paper: no CPU offload
+    assert js["communication_data_type"] == "fp32" and "optimizer" not in js
+
+
+@pytest.mark.parametrize("name", ["none", "ddp", "zero2"])
+def test_every_distributed_option_composes(name, tmp_path):
+    cfg = validate(compose_cfg([f"distributed={name}", "method=badit", "model=qwen3-8b"]))
+    assert cfg.distributed.name == name
+    if name == "zero2":
+        js = deepspeed_config(cfg.trainer, cfg.distributed, 8, bf16=True)
+        assert js["train_batch_size"] == 8  # the paper: 8 GPUs x batch 1
+
+
+def test_distributed_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="distributed.name"):
+        validate(compose_cfg(["distributed.name=fsdp"]))
+    with pytest.raises(ConfigError, match="distributed.deepspeed.optimizer"):
+        validate(compose_cfg(["distributed=zero2", "+distributed.deepspeed.optimizer.type=Adam"]))
+
+
+def test_multiprocess_launch_without_distributed_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="distributed=ddp"):
+        D.init(DistributedConfig(name="none"), torch.device("cpu"))
+
+
+def test_local_gradients_would_regroup_differently(tmp_path, superni):
+    """Why DOG must use reduced gradients: the two shards' own gradients give two groupings
+    (the reference code's multi-GPU bug, SPEC section 8)."""
+    from badit_exp.data.prompts import collate_train
+    from badit_exp.methods.badit import dog_assign
+    from badit_exp.training.runner import Runner
+
+    cfg = validate(compose_cfg(_over(tmp_path, "none")))
+    runner = Runner(cfg, tmp_path / "run")
+    runner.setup()
+    model, method = runner.build_model()
+    examples = [ex for t in TASKS2 for ex in runner.train_examples[t]]
+    assigns = []
+    for rank in range(2):
+        batch = epoch_batches(len(examples), 2, 1, 0, 0, rank, 2)[0]
+        b = collate_train([examples[i] for i in batch], runner.tok.pad_token_id)
+        model.zero_grad()
+        model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+        g = torch.stack([method.component_grads(n, l) for n, l in method.layers.items()])
+        assigns.append(dog_assign(g, cfg.method.num_experts))
+    assert not torch.equal(assigns[0], assigns[1])
+
+
+# -- two processes -------------------------------------------------------------------------------
+
+def _over(root: Path, dist: str, extra=()):
+    return tiny_overrides(root, tasks=TASKS2, extra=[
+        "method=badit", "method.dog.every_n_steps=1", "method.dog.until_fraction=1.0",
+        "data.max_train_per_task=8", "data.max_eval_per_task=4", f"distributed={dist}",
+        "distributed.backend=gloo", *extra])
+
+
+def _launch(tmp_path: Path, name: str, dist: str, crash_at: int = 0, extra=()):
+    out, run_dir = tmp_path / name / "dump", tmp_path / name / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"),
+           "SUPERNI_ROOT": str(SUPERNI), "BADIT_CACHE_DIR": str(CACHE)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(D._free_port()), str(REPO / "tests" / "dist_worker.py"),
+           str(out), str(run_dir), str(crash_at), *_over(tmp_path / name, dist, extra)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return proc, out, run_dir
+
+
+def _check_ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _dog_rows(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "dog_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    proc, out, run_dir = _launch(tmp, "ddp", "ddp")
+    _check_ok(proc)
+    return out, run_dir
+
+
+@pytest.mark.distributed
+def test_ddp_dog_keeps_replicas_identical(ddp_run, superni):
+    out, run_dir = ddp_run
+    a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = _dog_rows(run_dir)
+    steps = json.loads((run_dir / "progress.json").read_text())["global_step"]
+    assert len(rows) == steps >= 4  # one regroup per optimizer step, logged once (rank 0)
+    assert sum(r["mean_moved"] > 0 for r in rows) >= 3  # the regroups really move components
+    assert (run_dir / "metrics.json").exists() and (run_dir / "adapter").is_dir()
+
+
+@pytest.mark.distributed
+def test_sharded_evaluation_equals_one_process(ddp_run, superni):
+    """Predictions of the two-process run = a one-process generation with the same adapter."""
+    from badit_exp.evaluation.generate import evaluate_task
+    from badit_exp.training.export import load_trained
+    from badit_exp.training.runner import Runner
+
+    _, run_dir = ddp_run
+    model, tok, _ = load_trained(run_dir, CACHE, device="cpu")
+    runner = Runner(validate(compose_cfg(_over(run_dir.parent, "none"))), run_dir.parent / "x")
+    runner.setup()
+    for t in TASKS2:
+        _, records = evaluate_task(model, tok, runner.eval_tasks[t], runner.eval_examples[t],
+                                   batch_size=1, max_new_tokens=6, device=torch.device("cpu"))
+        written = [json.loads(x) for x in (run_dir / "predictions" / f"{t}.jsonl").read_text()
+                   .splitlines()]
+        assert [r["prediction"] for r in records] == [r["prediction"] for r in written]
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not HAS_DS, reason="deepspeed is not installed (pip install -e .[dist])")
+def test_zero2_dog_rewrites_partitioned_state_like_ddp(ddp_run, tmp_path, superni):
+    """ZeRO-2 partitions the fp32 master weights and Adam moments over the ranks; DOG rewrites
+    them through DeepSpeed's full-tensor API. Same data and math as DDP, so after eight
+    regroups and steps the adapters equal the DDP run's; any moment left unpermuted, or a rank
+    regrouping on its own, would show here."""
+    proc, out, run_dir = _launch(tmp_path, "zero2", "zero2")
+    _check_ok(proc)
+    a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ref = load_file(str(ddp_run[0] / "rank0.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], ref[k], rtol=1e-5, atol=1e-6)
+    assert [r["mean_moved"] for r in _dog_rows(run_dir)] == \
+        pytest.approx([r["mean_moved"] for r in _dog_rows(ddp_run[1])])
+    js = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert js["zero_optimization"]["stage"] == 2 and js["train_batch_size"] == 2 * 2
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not HAS_DS, reason="deepspeed is not installed (pip install -e .[dist])")
+def test_zero2_killed_run_resumes_to_the_same_adapter(ddp_run, tmp_path, superni):
+    """Kill both ranks after step 3 (checkpoint at step 2, mid-epoch), start again: the
+    partitioned optimizer state comes back from full tensors and the end result is unchanged."""
+    extra = ["trainer.checkpoint_every_steps=2"]
+    proc, _, run_dir = _launch(tmp_path, "resume", "zero2", crash_at=3, extra=extra)
+    assert proc.returncode != 0 and (run_dir / "checkpoints" / "in_stage").is_dir()
+    proc, out, run_dir = _launch(tmp_path, "resume", "zero2", extra=extra)
+    _check_ok(proc)
+    a, ref = load_file(str(out / "rank0.safetensors")), load_file(str(ddp_run[0] / "rank0.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], ref[k], rtol=1e-5, atol=1e-6)
+    steps = [r["step"] for r in _dog_rows(run_dir)]
+    assert steps == sorted(set(steps))  # each regroup logged once across the restart
