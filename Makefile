@@ -1,11 +1,12 @@
 # badit_exp — `make help` lists the targets.
 # CPU machines: the defaults install the CPU build of torch (torch==2.13.0 from local disk).
 # GPU machines: make install TORCH="torch" EXTRAS="dev,gpu"   (CUDA build + deepspeed, flash-attn)
+# Several GPUs: NGPUS=8 runs every job with the deepspeed launcher and DIST=zero2 (or ddp).
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,dist
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
@@ -21,7 +22,17 @@ SEEDS  ?= 1,2
 SMOKE_TASKS ?= [task363_sst2_polarity_classification,task591_sciq_answer_generation,task1572_samsum_summary]
 SCALE_ARGS ?= 'data.tasks=$(SMOKE_TASKS)' data.max_train_per_task=4 data.max_eval_per_task=2 data.max_seq_len=256 data.max_new_tokens=16 trainer.epochs=2 trainer.per_device_batch_size=2
 endif
-TRAIN  := $(PY) -m badit_exp.train -m model=$(MODEL) seed=$(SEEDS) $(SCALE_ARGS) paths.output_dir=$(OUT)
+NGPUS  ?= 1
+DIST   ?= zero2
+ifeq ($(NGPUS),1)
+LAUNCH := $(PY) -m badit_exp.train
+DIST_ARGS :=
+else
+LAUNCH := $(VENV)/bin/deepspeed --num_gpus $(NGPUS) --no_local_rank --module badit_exp.train
+DIST_ARGS := distributed=$(DIST)
+endif
+# Hydra wants -m before the overrides
+TRAIN  := $(LAUNCH) -m $(DIST_ARGS) model=$(MODEL) seed=$(SEEDS) $(SCALE_ARGS) paths.output_dir=$(OUT)
 
 .PHONY: help install run test test-all clean table1 table2 table3 fig4 fig12
 

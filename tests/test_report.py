@@ -94,23 +94,28 @@ TARGETS = ["table1", "table2", "fig4", "fig12"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("scale", ["smoke", "paper"])
-def test_makefile_targets_compose(target, scale):
-    """Dry run: every training command of the target composes (first value of each sweep)."""
+@pytest.mark.parametrize("scale,ngpus", [("smoke", 1), ("paper", 1), ("paper", 8)])
+def test_makefile_targets_compose(target, scale, ngpus):
+    """Dry run: every training command of the target composes (first value of each sweep);
+    NGPUS=8 launches each job with the deepspeed launcher and distributed=zero2."""
     import shlex
 
     out = subprocess.run(["make", "-n", "-o", ".venv/.installed", target, f"SCALE={scale}",
-                          "MODEL=smollm2-135m", "PY=python"], capture_output=True, text=True,
-                         cwd=REPO, check=True)
-    cmds = [l for l in out.stdout.splitlines() if "badit_exp.train -m" in l]
+                          "MODEL=smollm2-135m", "PY=python", f"NGPUS={ngpus}"],
+                         capture_output=True, text=True, cwd=REPO, check=True)
+    cmds = [l for l in out.stdout.splitlines() if "badit_exp.train" in l and " -m " in l]
     assert cmds, out.stdout
     for c in cmds:
         args = shlex.split(c)
-        args = args[args.index("-m", args.index("badit_exp.train")) + 1:]
+        if ngpus > 1:
+            assert args[0].endswith("deepspeed") and args[1:5] == ["--num_gpus", "8",
+                                                                    "--no_local_rank", "--module"]
+        args = [a for a in args[args.index("badit_exp.train") + 1:] if a != "-m"]
         first = [a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0]
                  if "=" in a and "," in a.split("=", 1)[1] and not a.split("=", 1)[1].startswith("[")
                  else a for a in args]
         cfg = validate(compose_cfg([a for a in first if not a.startswith("hydra.")]))
         assert cfg.model.name == "smollm2-135m"
+        assert cfg.distributed.name == ("zero2" if ngpus > 1 else "none")
         if scale == "paper":
             assert cfg.data.max_train_per_task == 1000 and cfg.trainer.epochs == 10

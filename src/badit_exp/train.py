@@ -55,15 +55,11 @@ def main(cfg: DictConfig) -> float:
     from badit_exp.data.superni import DataError
     from badit_exp.training.checkpoint import CheckpointError
 
-    from badit_exp.training import distributed as D
-
     try:
         result = run(cfg, run_dir)
     except (ConfigError, DataError, CheckpointError) as e:
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(2)
-    finally:
-        D.shutdown()
     if result is None:  # a rank other than 0 of a data-parallel run: rank 0 reports
         return 0.0
     print_table(result)

@@ -12,6 +12,7 @@ results); every rank reads checkpoints (a shared filesystem, as on any cluster).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -96,6 +97,9 @@ def init(dcfg, device: torch.device) -> DistContext:
                                        timeout=timeout)
         else:
             tdist.init_process_group(backend=backend, timeout=timeout)
+        # one group for the life of the process: the jobs of a Hydra multirun reuse it
+        # (tearing it down and re-creating it races on the rendezvous ports)
+        atexit.register(shutdown)
     log.info("process group %s up: rank %d of %d (local %d), backend %s", dcfg.name, ctx.rank,
              ctx.world_size, ctx.local_rank, backend)
     return ctx

@@ -135,6 +135,11 @@ class Runner:
         self.dist = D.init(cfg.distributed, device)
         self.device = D.device_for(self.dist, device)
         self.is_main = self.dist.is_main
+        # one run directory for all ranks: rank 0's (a Hydra sweep dir carries a timestamp that
+        # could differ by a second between processes)
+        self.run_dir = Path(D.broadcast_object(str(self.run_dir)))
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.progress_path = self.run_dir / "progress.json"
         prec = cfg.trainer.precision
         use_bf16 = prec == "bf16" or (prec == "auto" and self.device.type == "cuda"
                                       and torch.cuda.is_bf16_supported())
