@@ -1,12 +1,12 @@
 # badit_exp — `make help` lists the targets.
 # CPU machines: the defaults install the CPU build of torch (torch==2.13.0 from local disk).
-# GPU machines: make install TORCH="torch" EXTRAS="dev,gpu"   (CUDA build + deepspeed, flash-attn)
+# GPU machines: make install TORCH="torch" EXTRAS="dev,gpu,launchers"   (CUDA build + deepspeed, flash-attn)
 # Several GPUs: NGPUS=8 runs every job with the deepspeed launcher and DIST=zero2 (or ddp).
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev,dist
+EXTRAS ?= dev,dist,launchers
 PY     := $(VENV)/bin/python
 ARGS   ?=
 

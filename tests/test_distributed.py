@@ -108,20 +108,22 @@ def test_local_gradients_would_regroup_differently(tmp_path, superni):
 
 # -- two processes -------------------------------------------------------------------------------
 
-def _over(root: Path, dist: str, extra=()):
+def _over(root: Path, dist: str, extra=(), method: str = "badit"):
+    dog = ["method.dog.every_n_steps=1", "method.dog.until_fraction=1.0"] \
+        if method == "badit" else []
     return tiny_overrides(root, tasks=TASKS2, extra=[
-        "method=badit", "method.dog.every_n_steps=1", "method.dog.until_fraction=1.0",
-        "data.max_train_per_task=8", "data.max_eval_per_task=4", f"distributed={dist}",
-        "distributed.backend=gloo", *extra])
+        f"method={method}", *dog, "data.max_train_per_task=8", "data.max_eval_per_task=4",
+        f"distributed={dist}", "distributed.backend=gloo", *extra])
 
 
-def _launch(tmp_path: Path, name: str, dist: str, crash_at: int = 0, extra=()):
+def _launch(tmp_path: Path, name: str, dist: str, crash_at: int = 0, extra=(),
+            method: str = "badit"):
     out, run_dir = tmp_path / name / "dump", tmp_path / name / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"),
            "SUPERNI_ROOT": str(SUPERNI), "BADIT_CACHE_DIR": str(CACHE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(D._free_port()), str(REPO / "tests" / "dist_worker.py"),
-           str(out), str(run_dir), str(crash_at), *_over(tmp_path / name, dist, extra)]
+           str(out), str(run_dir), str(crash_at), *_over(tmp_path / name, dist, extra, method)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return proc, out, run_dir
 
@@ -208,3 +210,17 @@ def test_zero2_killed_run_resumes_to_the_same_adapter(ddp_run, tmp_path, superni
         torch.testing.assert_close(a[k], ref[k], rtol=1e-5, atol=1e-6)
     steps = [r["step"] for r in _dog_rows(run_dir)]
     assert steps == sorted(set(steps))  # each regroup logged once across the restart
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "pissa", "loramoe_original", "gainlora", "o_lora"])
+def test_every_method_trains_sequentially_under_ddp(method, tmp_path, superni):
+    """Each method's hooks (balancing loss, growing branches, projected gate updates) run under
+    DDP, replicas stay identical, and rank 0 writes the sequential score matrix."""
+    proc, out, run_dir = _launch(tmp_path, method, "ddp", method=method, extra=[
+        "training_mode=sequential", "task_order=custom", f"task_order.order=[{','.join(TASKS2)}]"])
+    _check_ok(proc)
+    a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((run_dir / "scores.csv").read_text().splitlines()) == 1 + len(TASKS2)

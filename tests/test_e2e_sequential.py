@@ -155,7 +155,7 @@ def test_corrupted_checkpoint_is_reported(tmp_path, monkeypatch):
     over = tiny_overrides(tmp_path, extra=SEQ)
     orig = runner_mod.Runner.evaluate
 
-    def crash(self, model, method, i, stage, final):
+    def crash(self, model, method, i, stage, final, **kw):
         raise Crash()
 
     monkeypatch.setattr(runner_mod.Runner, "evaluate", crash)

@@ -1,7 +1,8 @@
 """Process-group plumbing for data-parallel runs: who am I, and small collectives.
 
 A run is launched with one process per device by the ``deepspeed`` launcher (or torchrun);
-both set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. A single
+both set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (under
+Hydra's submitit launcher with several tasks per job they are derived from the SLURM job). A single
 process with ``distributed=ddp|zero2`` is a world of one (a single-GPU ZeRO-2 run is valid).
 Every helper is a no-op (or the identity) when no process group is up, so the training code
 has one path for one process and for many.
@@ -48,6 +49,23 @@ class DistContext:
         return tdist.is_available() and tdist.is_initialized()
 
 
+def _env_from_submitit() -> None:
+    """Inside a SLURM job started by Hydra's submitit launcher with several tasks
+    (``hydra.launcher.tasks_per_node=8``), export what torch.distributed reads."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+    except Exception:  # noqa: BLE001 - not a submitit job: the launcher set nothing to map
+        return
+    job = "".join(ch for ch in str(env.job_id).split("_")[0] if ch.isdigit()) or "0"
+    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
+                      LOCAL_RANK=str(env.local_rank), MASTER_ADDR=env.hostnames[0])
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000))
+
+
 def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -65,6 +83,7 @@ def init(dcfg, device: torch.device) -> DistContext:
         ConfigError: a multi-process launch with ``distributed=none`` (every process would train
             alone and write the same files).
     """
+    _env_from_submitit()
     world = launched_world_size()
     if dcfg.name == "none":
         if world > 1:
