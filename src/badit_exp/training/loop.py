@@ -39,8 +39,8 @@ class Position:
 def rng_state() -> Dict:
     st = {"torch": torch.get_rng_state(), "random": random.getstate(),
           "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()  # this process's device only (one GPU per rank)
     return st
 
 
@@ -49,7 +49,10 @@ def set_rng_state(st: Dict) -> None:
     random.setstate(st["random"])
     np.random.set_state(st["numpy"])
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        if isinstance(st["cuda"], (list, tuple)):  # checkpoints before one-device states
+            torch.cuda.set_rng_state_all(st["cuda"])
+        else:
+            torch.cuda.set_rng_state(st["cuda"])
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, stage: int, epoch: int,

@@ -49,7 +49,7 @@ from badit_exp.models import load_model, load_tokenizer, resolve_device
 from badit_exp.training import checkpoint as ckpt
 from badit_exp.training import distributed as D
 from badit_exp.training.logger import RunLogger
-from badit_exp.training.loop import Position, train_stage
+from badit_exp.training.loop import Position, rng_state, set_rng_state, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,13 @@ def plan_stages(cfg: Config) -> List[Stage]:
     if mode == "sequential":
         return [Stage(t, [t], order, i == 0) for i, t in enumerate(order)]
     return [Stage(t, [t], [t], True) for t in order]
+
+
+def sync_rng() -> None:
+    """Rank 0's random state on every rank (nothing changes with one process). Training draws
+    differ per rank (dropout on different shards); hooks outside training must not."""
+    if D.world_size() > 1:
+        set_rng_state(D.broadcast_object(rng_state()))
 
 
 def config_diff(old: Dict, new: Dict) -> List[str]:
@@ -314,8 +321,10 @@ class Runner:
                     method.load_state_dict(model, tensors)
             data = [self.train_examples[t] for t in stage.train_tasks]
             t0 = time.perf_counter()
-            method.on_stage_start(model, i, stage.name, data)
+            sync_rng()  # a method drawing random numbers at a task boundary (a new branch's
+            method.on_stage_start(model, i, stage.name, data)  # init) draws the same on all ranks
             summary = self.train_stage(model, method, i, stage, progress)
+            sync_rng()
             method.on_stage_end(model, i, stage.name, data)
             t_train = time.perf_counter() - t0
             self.checkpoint_stage(model, method, i)
