@@ -224,3 +224,22 @@ def test_every_method_trains_sequentially_under_ddp(method, tmp_path, superni):
     a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len((run_dir / "scores.csv").read_text().splitlines()) == 1 + len(TASKS2)
+
+
+@pytest.mark.parametrize("launcher,override,target", [
+    ("joblib", "hydra.launcher.n_jobs=2", "JoblibLauncher"),
+    ("submitit_slurm", "hydra.launcher.tasks_per_node=8", "SlurmLauncher")])
+def test_sweep_launchers_compose(launcher, override, target):
+    """The documented cluster/parallel sweep launchers (extra `launchers`)."""
+    pytest.importorskip(f"hydra_plugins.hydra_{launcher.split('_')[0]}_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        c = compose(config_name="config", overrides=[f"hydra/launcher={launcher}", override,
+                                                      "distributed=zero2"],
+                    return_hydra_config=True)
+    assert c.hydra.launcher._target_.endswith(target) and c.distributed.name == "zero2"
