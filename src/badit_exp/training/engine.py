@@ -159,6 +159,10 @@ class Engine(OptimizerAccess):
     def last_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def close(self) -> None:
+        """End of the stage: drop the wrapper (its hooks) so the next stage can wrap again."""
+        self.wrapped = self.module
+
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> Dict:
         return {"engine": "torch", "optimizer": self.optimizer.state_dict(),
@@ -235,6 +239,12 @@ class DeepSpeedEngine(Engine):
 
     def last_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def close(self) -> None:
+        """Remove ZeRO's gradient hooks from the parameters: the next stage wraps the same
+        module in a new engine, and stale hooks would reduce into this one's buffers."""
+        self.wrapped.destroy()
+        self.wrapped = self.module
 
     # -- full tensors of partitioned state ----------------------------------------------------
     def _moments_exist(self) -> bool:

@@ -177,6 +177,7 @@ def train_stage(model, method, examples: List[Dict], *, tcfg, pad_id: int, seed:
         if save_checkpoint:
             save_checkpoint(pos, trainer_state())
     bar.close()
+    engine.close()
     model.eval()
     tokens_total = int(D.all_reduce_sum([tokens_total])[0])
     return {"steps": pos.step, "tokens": tokens_total, "seconds": time.perf_counter() - t0,
