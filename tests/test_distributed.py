@@ -248,3 +248,21 @@ def test_sweep_launchers_compose(launcher, override, target):
                                                       "distributed=zero2"],
                     return_hydra_config=True)
     assert c.hydra.launcher._target_.endswith(target) and c.distributed.name == "zero2"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [("zero2", "ddp"), ("ddp", "zero2")])
+def test_resume_across_engines(first, then, ddp_run, tmp_path, superni):
+    """Checkpoints hold full per-parameter tensors: a run killed under one engine resumes under
+    the other and ends on the same adapter."""
+    if not HAS_DS:
+        pytest.skip("deepspeed is not installed")
+    extra = ["trainer.checkpoint_every_steps=2"]
+    proc, _, run_dir = _launch(tmp_path, "x", first, crash_at=3, extra=extra)
+    assert proc.returncode != 0 and (run_dir / "checkpoints" / "in_stage").is_dir()
+    proc, out, _ = _launch(tmp_path, "x", then, extra=extra)
+    _check_ok(proc)
+    a, ref = load_file(str(out / "rank0.safetensors")), load_file(str(ddp_run[0] / "rank0.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], ref[k], rtol=1e-5, atol=1e-6)

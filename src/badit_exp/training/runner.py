@@ -54,8 +54,10 @@ from badit_exp.training.loop import Position, rng_state, set_rng_state, train_st
 log = logging.getLogger(__name__)
 
 # Keys that may change between a run and its resumption without changing its results.
+# ``distributed``: checkpoints hold full tensors, so a ZeRO-2 run may resume under DDP and back
+# (a mid-epoch checkpoint still needs the same number of processes, checked in the loop).
 RESUME_IGNORED = {"resume", "logger", "paths", "trainer.eval_batch_size", "trainer.log_every",
-                  "trainer.num_threads", "trainer.checkpoint_every_steps"}
+                  "trainer.num_threads", "trainer.checkpoint_every_steps", "distributed"}
 
 
 @dataclass
