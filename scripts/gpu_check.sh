@@ -3,7 +3,9 @@
 # the test suite (GPU tests included) and the step-time benchmark on a ~0.5B random Llama.
 # Usage (repo root): bash scripts/gpu_check.sh [out_dir]
 # Expects .whl/ (hydra-core, omegaconf, antlr4, datasets, dill, multiprocess, nltk,
-# rouge-score wheels) and .gpucache/ (SmolLM2 tokenizer files, superni/ copy).
+# rouge-score wheels; for the ZeRO-2 checks also deepspeed (`pip wheel --no-deps
+# deepspeed==0.19.8`), hjson, ninja, py-cpuinfo, msgpack, einops) and .gpucache/ (SmolLM2
+# tokenizer files, superni/ copy). The ZeRO-2 single-GPU run is tests/test_gpu.py.
 set -eo pipefail
 OUT=${1:-${OUT:-/tmp/gpu_out}}
 mkdir -p "$OUT"

@@ -108,22 +108,23 @@ def test_local_gradients_would_regroup_differently(tmp_path, superni):
 
 # -- two processes -------------------------------------------------------------------------------
 
-def _over(root: Path, dist: str, extra=(), method: str = "badit"):
+def _over(root: Path, dist: str, extra=(), method: str = "badit", backend: str = "gloo"):
     dog = ["method.dog.every_n_steps=1", "method.dog.until_fraction=1.0"] \
         if method == "badit" else []
     return tiny_overrides(root, tasks=TASKS2, extra=[
         f"method={method}", *dog, "data.max_train_per_task=8", "data.max_eval_per_task=4",
-        f"distributed={dist}", "distributed.backend=gloo", *extra])
+        f"distributed={dist}", f"distributed.backend={backend}", *extra])
 
 
 def _launch(tmp_path: Path, name: str, dist: str, crash_at: int = 0, extra=(),
-            method: str = "badit"):
+            method: str = "badit", nproc: int = 2, backend: str = "gloo"):
     out, run_dir = tmp_path / name / "dump", tmp_path / name / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"),
            "SUPERNI_ROOT": str(SUPERNI), "BADIT_CACHE_DIR": str(CACHE)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(D._free_port()), str(REPO / "tests" / "dist_worker.py"),
-           str(out), str(run_dir), str(crash_at), *_over(tmp_path / name, dist, extra, method)]
+           str(out), str(run_dir), str(crash_at),
+           *_over(tmp_path / name, dist, extra, method, backend)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return proc, out, run_dir
 

@@ -248,7 +248,12 @@ class DeepSpeedEngine(Engine):
 
     # -- full tensors of partitioned state ----------------------------------------------------
     def _moments_exist(self) -> bool:
-        return bool(getattr(self.optimizer, "_hp_optimizer_states_linked", False))
+        """ZeRO-1/2 link the partitioned Adam moments to the parameters lazily, at the first
+        step; before it there are no moments to rewrite."""
+        linked = getattr(self.optimizer, "_hp_optimizer_states_linked", None)
+        if linked is None:  # an optimizer wrapper that links eagerly
+            return bool(self.optimizer.optimizer.state)
+        return bool(linked)
 
     def grad(self, p):
         from deepspeed.utils import safe_get_full_grad
