@@ -140,7 +140,8 @@ def _dog_rows(run_dir: Path):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    proc, out, run_dir = _launch(tmp, "ddp", "ddp")
+    # eval batches of 2 over 4 test instances per task: one batch per rank
+    proc, out, run_dir = _launch(tmp, "ddp", "ddp", extra=["trainer.eval_batch_size=2"])
     _check_ok(proc)
     return out, run_dir
 
@@ -170,7 +171,7 @@ def test_sharded_evaluation_equals_one_process(ddp_run, superni):
     runner.setup()
     for t in TASKS2:
         _, records = evaluate_task(model, tok, runner.eval_tasks[t], runner.eval_examples[t],
-                                   batch_size=1, max_new_tokens=6, device=torch.device("cpu"))
+                                   batch_size=2, max_new_tokens=6, device=torch.device("cpu"))
         written = [json.loads(x) for x in (run_dir / "predictions" / f"{t}.jsonl").read_text()
                    .splitlines()]
         assert [r["prediction"] for r in records] == [r["prediction"] for r in written]

@@ -175,15 +175,6 @@ class Engine(OptimizerAccess):
             _load_full_state(self, state)
         _load_scheduler(self.scheduler, state["scheduler"])
 
-    def full_state(self) -> Dict:
-        """Per-parameter full tensors (what a ZeRO checkpoint holds), for cross-engine loads."""
-        out = {}
-        for n, p in self.named:
-            st = self.optimizer.state.get(p, {})
-            out[n] = {"fp32": p.detach().float().cpu().clone(),
-                      **{k: st[k].detach().cpu().clone() for k in MOMENTS if k in st}}
-        return out
-
 
 def _load_scheduler(scheduler, state: Dict) -> None:
     """A scheduler's state_dict does not carry the learning rate it last set: put it back into
