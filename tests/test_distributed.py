@@ -288,3 +288,14 @@ def test_zero2_equals_ddp_with_accumulation_and_function_preserving_dog(tmp_path
         assert sum(r["mean_moved"] > 0 for r in _dog_rows(run_dir)) >= 2
     for k in res["ddp"]:
         torch.testing.assert_close(res["zero2"][k], res["ddp"][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_gradient_checkpointing_under_ddp_changes_nothing(ddp_run, tmp_path, superni):
+    """Non-reentrant checkpointing recomputes activations (and replays dropout's RNG): same
+    adapter as without it, bit for bit, DOG included."""
+    proc, out, _ = _launch(tmp_path, "gc", "ddp", extra=["model.gradient_checkpointing=true"])
+    _check_ok(proc)
+    a, ref = load_file(str(out / "rank0.safetensors")), load_file(str(ddp_run[0] / "rank0.safetensors"))
+    assert all(torch.equal(a[k], ref[k]) for k in a)
