@@ -155,7 +155,9 @@ def test_ddp_dog_keeps_replicas_identical(ddp_run, superni):
     steps = json.loads((run_dir / "progress.json").read_text())["global_step"]
     assert len(rows) == steps >= 4  # one regroup per optimizer step, logged once (rank 0)
     assert sum(r["mean_moved"] > 0 for r in rows) >= 3  # the regroups really move components
-    assert (run_dir / "metrics.json").exists() and (run_dir / "adapter").is_dir()
+    assert (run_dir / "adapter").is_dir()
+    par = json.loads((run_dir / "metrics.json").read_text())["parallel"]
+    assert par == {"engine": "ddp", "world_size": 2, "global_batch": 2 * 1 * 2}
 
 
 @pytest.mark.distributed

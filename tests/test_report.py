@@ -28,6 +28,21 @@ def _fake(tmp, name, seed, rouge, forget, cfg_extra=None, model="qwen3-8b", mode
     (d / "metrics.json").write_text(json.dumps(m))
 
 
+def test_global_batch_splits_rows_and_the_engine_does_not(tmp_path):
+    """Same config on 8 GPUs vs 1 GPU = another global batch: two rows. ZeRO-2 vs DDP on the
+    same number of GPUs: one row."""
+    for name, seed, engine, world in [("a", 1, "zero2", 8), ("b", 2, "ddp", 8), ("c", 3, "none", 1)]:
+        _fake(tmp_path, name, seed, 50.0 + seed, 6.0)
+        f = tmp_path / name / "metrics.json"
+        m = json.loads(f.read_text())
+        m["config"]["distributed"] = {"name": engine}
+        m["parallel"] = {"engine": engine, "world_size": world, "global_batch": world}
+        f.write_text(json.dumps(m))
+    rows = report.group(report.collect([tmp_path]))
+    assert sorted(r["seeds"] for r in rows) == [[1, 2], [3]]
+    assert {r["variant"] for r in rows} == {"global_batch=1", "global_batch=8"}
+
+
 def test_mean_std_by_hand_and_paper_numbers(tmp_path):
     _fake(tmp_path, "s1", 1, 50.0, 6.0)
     _fake(tmp_path, "s2", 2, 52.0, 8.0)

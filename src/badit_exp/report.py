@@ -24,7 +24,8 @@ METRICS = ["rouge", "forward", "forget_rate", "backward", "forget_rate_textbook"
            "backward_textbook"]
 IGNORED = {"seed", "run_name", "paths", "logger", "resume", "task_order",
            "training_mode.single_results", "trainer.eval_batch_size", "trainer.log_every",
-           "trainer.num_threads", "trainer.checkpoint_every_steps"}
+           "trainer.num_threads", "trainer.checkpoint_every_steps",
+           "distributed"}  # the engine does not change the math; the global batch below does
 
 # SPEC section 7, Table 1: model -> method -> (mixed rouge, seq rouge, seq forget, seq backward)
 PAPER = {
@@ -87,11 +88,21 @@ def collect(dirs: List[Path]) -> List[Dict]:
     return runs
 
 
+def global_batch(run: Dict) -> int:
+    """Examples per optimizer step: per-device batch x accumulation x processes (runs written
+    before ``parallel`` was recorded ran in one process)."""
+    if "parallel" in run:
+        return int(run["parallel"]["global_batch"])
+    t = run["config"].get("trainer", {})
+    return int(t.get("per_device_batch_size", 1)) * int(t.get("grad_accum_steps", 1))
+
+
 def group(runs: List[Dict]) -> List[Dict]:
     """Rows: one per (model, method, mode, config-without-seed)."""
     buckets: Dict[tuple, List[Dict]] = {}
     for r in runs:
         cfg = {k: json.dumps(v, sort_keys=True) for k, v in flatten(r["config"]).items() if _keep(k)}
+        cfg["global_batch"] = json.dumps(global_batch(r))
         key = (r["model"], r["method"], r["mode"], json.dumps(cfg, sort_keys=True))
         buckets.setdefault(key, []).append(r)
     rows = []

@@ -424,6 +424,10 @@ class Runner:
         if mode == "single":
             out["single_exact_match"] = {t: res[t][t]["exact_match"] for t in out["tasks"]}
         out["timing"] = progress["timing"]
+        t = cfg.trainer
+        out["parallel"] = {"engine": cfg.distributed.name, "world_size": D.world_size(),
+                           "global_batch": t.per_device_batch_size * t.grad_accum_steps
+                           * D.world_size()}
         out["provenance"] = provenance.collect()
         out["config"] = self.resolved
         atomic_write_json(self.run_dir / "metrics.json", _json_safe(out))
