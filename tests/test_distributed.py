@@ -301,3 +301,14 @@ def test_gradient_checkpointing_under_ddp_changes_nothing(ddp_run, tmp_path, sup
     _check_ok(proc)
     a, ref = load_file(str(out / "rank0.safetensors")), load_file(str(ddp_run[0] / "rank0.safetensors"))
     assert all(torch.equal(a[k], ref[k]) for k in a)
+
+
+@pytest.mark.distributed
+def test_a_refused_run_dir_stops_every_rank_with_the_reason(ddp_run, tmp_path, superni):
+    """Rank 0 checks the run directory; the other ranks exit with the same clear error instead
+    of waiting at a barrier."""
+    _, run_dir = ddp_run
+    proc, _, _ = _launch(run_dir.parent.parent, "ddp", "ddp", extra=["trainer.lr=1e-3"])
+    assert proc.returncode != 0
+    assert proc.stderr.count("holds a run with a different config") + \
+        proc.stdout.count("holds a run with a different config") >= 2  # both ranks say why

@@ -159,9 +159,15 @@ class Runner:
             self.tok = load_tokenizer(cfg.model, self.cache_dir)
             self._load_data()
         self.resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        if self.is_main:
-            self._check_run_dir()
-        D.barrier()
+        err = None
+        if self.is_main:  # rank 0 checks and writes config.yaml; every rank gets its verdict
+            try:
+                self._check_run_dir()
+            except ConfigError as e:
+                err = str(e)
+        err = D.broadcast_object(err)
+        if err:
+            raise ConfigError(err)
         self.logger = RunLogger(self.run_dir, cfg.logger.name, cfg.logger.project, cfg.run_name,
                                 cfg.logger.mode, self.resolved, enabled=self.is_main)
 
