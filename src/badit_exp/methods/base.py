@@ -10,6 +10,12 @@ The runner calls these hooks at fixed points; a method overrides only those it n
 * ``after_optimizer_step``: e.g. projecting an update away from protected subspaces.
 * ``state_dict`` / ``load_state_dict``: everything a checkpoint must hold to resume, on top of
   re-applying the method to the base model with the same seed.
+
+The ``optimizer`` the training hooks receive is the stage's engine
+(:mod:`badit_exp.training.engine`): read gradients with ``optimizer.grad(p)`` and rewrite a
+parameter with ``optimizer.transform(p, fn, ...)`` / ``optimizer.set_param(p, value)``, never
+``p.grad`` / ``p.data`` / ``optimizer.state`` directly, so the method stays correct under DDP and
+DeepSpeed ZeRO-2 (where gradients, fp32 master weights and Adam moments are partitioned).
 """
 
 from __future__ import annotations
