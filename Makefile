@@ -38,6 +38,8 @@ TRAIN  := $(LAUNCH) -m $(DIST_ARGS) model=$(MODEL) seed=$(SEEDS) $(SCALE_ARGS) p
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@echo "Variables: MODEL=<model config> SCALE=smoke|paper SEEDS=1,2,... NGPUS=<n> (n > 1: deepspeed launcher)"
+	@echo "           DIST=zero2|ddp (with NGPUS) TORCH=<torch requirement> EXTRAS=<pip extras> ARGS=<overrides for run/test>"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
