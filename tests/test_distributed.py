@@ -312,3 +312,44 @@ def test_a_refused_run_dir_stops_every_rank_with_the_reason(ddp_run, tmp_path, s
     assert proc.returncode != 0
     assert proc.stderr.count("holds a run with a different config") + \
         proc.stdout.count("holds a run with a different config") >= 2  # both ranks say why
+
+
+def test_generation_deals_batches_to_ranks_and_reassembles_in_order(monkeypatch):
+    """Rank r of w generates batches r, r + w, ... (of the length-sorted order) and the gathered
+    texts come back in input order: nothing generated twice, nothing lost."""
+    from badit_exp.evaluation import generate as G
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return [f"p{int(row[0])}" for row in ids]
+
+    class Model:
+        calls: list = []
+
+        def eval(self):
+            return self
+
+        def generate(self, input_ids, attention_mask, **kw):
+            Model.calls.append(input_ids[:, -1].tolist())  # last prompt token = example id
+            return torch.cat([input_ids, input_ids[:, -1:]], dim=1)
+
+    # example i has a prompt of length 10 - i (so the length order is the input order)
+    examples = [{"input_ids": [5] * (9 - i) + [100 + i]} for i in range(7)]
+    world = 3
+    shards = {}
+    for r in range(world):
+        Model.calls = []
+        monkeypatch.setattr(G.D, "rank", lambda r=r: r)
+        monkeypatch.setattr(G.D, "world_size", lambda: world)
+
+        def gather(mine, r=r):  # the shards of the ranks simulated so far
+            shards[r] = mine
+            return [shards.get(q, []) for q in range(world)]
+
+        monkeypatch.setattr(G.D, "all_gather_object", gather)
+        out = G.generate(Model(), Tok(), examples, batch_size=2, max_new_tokens=1,
+                         device=torch.device("cpu"))
+        assert Model.calls == [[100 + i for i in b] for b in [[0, 1], [2, 3], [4, 5], [6]][r::world]]
+    assert out == [f"p{100 + i}" for i in range(7)]  # the last rank saw every shard

@@ -43,11 +43,6 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def active(self) -> bool:
-        """A process group is up (ddp / zero2, any world size)."""
-        return tdist.is_available() and tdist.is_initialized()
-
 
 def _env_from_submitit() -> None:
     """Inside a SLURM job started by Hydra's submitit launcher with several tasks
@@ -66,10 +61,6 @@ def _env_from_submitit() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(job) % 20000))
 
 
-def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,7 +75,7 @@ def init(dcfg, device: torch.device) -> DistContext:
             alone and write the same files).
     """
     _env_from_submitit()
-    world = launched_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if dcfg.name == "none":
         if world > 1:
             raise ConfigError(f"launched with WORLD_SIZE={world} processes but distributed=none; "
@@ -147,6 +138,13 @@ def rank() -> int:
     return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
 
 
+def _comm_device() -> torch.device:
+    """Where tensors must live for the backend's collectives: gloo CPU, nccl this GPU."""
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if world_size() > 1:
         tdist.barrier()
@@ -156,10 +154,7 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank ``src``'s value of ``t`` on every rank (a copy; ``t`` is left alone)."""
     if world_size() == 1:
         return t
-    # gloo broadcasts CPU tensors, nccl device tensors: go through the backend's device
-    dev = torch.device("cuda", torch.cuda.current_device()) \
-        if tdist.get_backend() == "nccl" else torch.device("cpu")
-    buf = t.detach().to(dev).clone()
+    buf = t.detach().to(_comm_device()).clone()
     tdist.broadcast(buf, src=src)
     return buf.to(t.device)
 
@@ -199,8 +194,6 @@ def all_reduce_sum(values: List[float]) -> List[float]:
     """Elementwise sum over ranks of a short list of numbers (log statistics)."""
     if world_size() == 1:
         return list(values)
-    dev = torch.device("cuda", torch.cuda.current_device()) \
-        if tdist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     tdist.all_reduce(t)
     return t.cpu().tolist()

@@ -204,21 +204,13 @@ class DeepSpeedEngine(Engine):
                  config_path: Optional[Path] = None):
         import deepspeed
 
-        self.module = model
-        self.named = named_params
-        self.params = [p for _, p in named_params]
-        self.tcfg = tcfg
-        base = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        self.scheduler = make_scheduler(base, tcfg, total_steps)
+        super().__init__(model, named_params, tcfg, total_steps)  # AdamW + schedule, no wrapper
         self.ds_config = deepspeed_config(tcfg, dcfg, D.world_size(), bf16)
         if config_path is not None and D.rank() == 0:
             config_path.write_text(json.dumps(self.ds_config, indent=2))
+        # ZeRO takes over the AdamW (its param_groups, which the schedule drives, are kept)
         self.wrapped, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=base, config=self.ds_config)
-        self.base_optimizer = base  # param_groups shared with ZeRO: the schedule drives it
-
-    def forward(self, **inputs):
-        return self.wrapped(**inputs)
+            model=model, optimizer=self.optimizer, config=self.ds_config)
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         self.wrapped.set_gradient_accumulation_boundary(boundary)
@@ -227,9 +219,6 @@ class DeepSpeedEngine(Engine):
     def step(self) -> None:
         self.wrapped.step()  # clipping, AdamW on the fp32 partitions, all-gather, zero grads
         self.scheduler.step()
-
-    def last_lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
 
     def close(self) -> None:
         """Remove ZeRO's gradient hooks from the parameters: the next stage wraps the same
@@ -316,10 +305,11 @@ class DeepSpeedEngine(Engine):
             if step and "exp_avg" in st:
                 for k in MOMENTS:
                     safe_set_full_optimizer_state(p, st[k].to(p.device), k)
-        if step:
-            for st in self.optimizer.optimizer.state.values():
-                if "step" in st:
-                    st["step"].fill_(step) if torch.is_tensor(st["step"]) else st.update(step=step)
+        for st in self.optimizer.optimizer.state.values() if step else []:
+            if torch.is_tensor(st.get("step")):
+                st["step"].fill_(step)
+            elif "step" in st:
+                st["step"] = step
         _load_scheduler(self.scheduler, state["scheduler"])
 
     def _create_moments(self) -> None:
@@ -341,7 +331,9 @@ class DeepSpeedEngine(Engine):
 
 
 def _torch_full_state(named, opt_state: Dict) -> Dict:
-    """A torch AdamW state_dict (params indexed in ``named`` order) as per-name full tensors."""
+    """A torch AdamW state_dict (params indexed in ``named`` order) as per-name full tensors.
+    The weights are the parameters' current values: the runner has just loaded them from the
+    same checkpoint (a torch checkpoint has no separate fp32 master copy)."""
     out = {}
     for i, (n, p) in enumerate(named):
         st = opt_state["state"].get(i, {})
