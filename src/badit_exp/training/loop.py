@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from badit_exp.config import DistributedConfig
 from badit_exp.data.prompts import collate_train
 from badit_exp.training import distributed as D
 from badit_exp.training.checkpoint import CheckpointError
@@ -90,8 +91,6 @@ def train_stage(model, method, examples: List[Dict], *, tcfg, pad_id: int, seed:
     Returns:
         Summary: first/last logged loss, steps, tokens (all ranks), seconds.
     """
-    from badit_exp.config import DistributedConfig
-
     dcfg = dcfg or DistributedConfig()
     rank, world = D.rank(), D.world_size()
     n_micro = len(epoch_batches(len(examples), tcfg.per_device_batch_size, seed, stage_index, 0,

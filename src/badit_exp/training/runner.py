@@ -131,9 +131,12 @@ def config_diff(old: Dict, new: Dict) -> List[str]:
 class Runner:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.progress_path = self.run_dir / "progress.json"
+        self._set_run_dir(Path(run_dir))
+
+    def _set_run_dir(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.progress_path = run_dir / "progress.json"
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -146,9 +149,7 @@ class Runner:
         self.is_main = self.dist.is_main
         # one run directory for all ranks: rank 0's (a Hydra sweep dir carries a timestamp that
         # could differ by a second between processes)
-        self.run_dir = Path(D.broadcast_object(str(self.run_dir)))
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.progress_path = self.run_dir / "progress.json"
+        self._set_run_dir(Path(D.broadcast_object(str(self.run_dir))))
         prec = cfg.trainer.precision
         use_bf16 = prec == "bf16" or (prec == "auto" and self.device.type == "cuda"
                                       and torch.cuda.is_bf16_supported())

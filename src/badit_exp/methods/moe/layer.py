@@ -42,7 +42,6 @@ class RoutingContext:
     """
 
     prompt_mask: Optional[torch.Tensor] = None
-    attention_mask: Optional[torch.Tensor] = None
     reuse: bool = False
     record: bool = False
     keep_gates: bool = False  # training: keep token gates for a balancing loss
@@ -65,7 +64,8 @@ class MoLoRALinear(nn.Module):
         self.ctx = ctx
         n, d_in, d_out = num_experts * rank, base.in_features, base.out_features
         dev = base.weight.device
-        # adapters are kept in float32 whatever the base dtype (stable training, exact DOG)
+        # adapters are kept in float32 whatever the base dtype (stable training, exact DOG);
+        # under DeepSpeed bf16 the module is cast to bf16 and ZeRO keeps the float32 masters
         self.lora_A = nn.Parameter(torch.empty(n, d_in, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(d_out, n, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # PEFT's / LoRAMoE's init
@@ -159,7 +159,6 @@ def attach_routing_hook(model: nn.Module, ctx: RoutingContext):
             return None
         if am is None and ids is not None:
             am = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
-        ctx.attention_mask = am
         if am is not None and labels is not None:
             ctx.prompt_mask = am * (labels == -100).to(am.dtype)
         else:
