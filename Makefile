@@ -34,7 +34,7 @@ endif
 # Hydra wants -m before the overrides
 TRAIN  := $(LAUNCH) -m $(DIST_ARGS) model=$(MODEL) seed=$(SEEDS) $(SCALE_ARGS) paths.output_dir=$(OUT)
 
-.PHONY: help install run test test-all clean table1 table2 table3 fig4 fig12
+.PHONY: help install run test test-all clean table1 table2 table3 fig4 fig12 study
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -81,3 +81,13 @@ fig4: install ## Fig. 4: intra/inter-expert gradient angles over training (BADIT
 fig12: install ## Fig. 12: sensitivity to the number of experts K and the rank r (BADIT, mixed, dense top_k = K)
 	$(TRAIN) training_mode=mixed method=badit method.num_experts=2,4,8 method.rank=2,4 'method.top_k=$${method.num_experts}' 'run_name=$${model.name}-badit-K$${method.num_experts}-r$${method.rank}-seed$${seed}' hydra.sweep.dir=$(OUT)/fig12
 	$(PY) -m badit_exp.report $(OUT)/fig12
+
+# SPEC section 9: the CPU study (conf/experiment/study_cpu.yaml). Killed? Run it again: finished
+# runs are kept and a run cut short resumes from its checkpoint.
+STUDY_OUT     ?= outputs/study/cpu
+STUDY_SEEDS   ?= 1,2
+STUDY_METHODS ?= lora,loramoe,badit_reference,badit_paper,badit,badit_anchor,badit_wo_dog,badit_wo_bad
+study: install ## SPEC 9 study: SmolLM2, mixed, 15 tasks, STUDY_METHODS x STUDY_SEEDS (~2 h, 2 cores) -> benchmarks/results/study_cpu_smollm2.md
+	$(PY) -m badit_exp.train experiment=study_cpu method=lora method.name=untrained trainer.epochs=0 hydra.run.dir=$(STUDY_OUT)/untrained
+	$(PY) -m badit_exp.train -m experiment=study_cpu seed=$(STUDY_SEEDS) method=$(STUDY_METHODS) hydra.sweep.dir=$(STUDY_OUT)
+	$(PY) -m badit_exp.report --study $(STUDY_OUT) --out benchmarks/results --name study_cpu_smollm2

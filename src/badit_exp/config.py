@@ -121,7 +121,7 @@ class DataConfig:
 class TrainerConfig:
     """Optimisation (SPEC section 4 defaults) and the loop's bookkeeping."""
 
-    epochs: int = 10
+    epochs: int = 10  # 0: no training, evaluate the model as initialised (e.g. LoRA = the base)
     lr: float = 2e-4
     lr_scheduler: str = "cosine"  # cosine | linear | constant (all with warm-up)
     warmup_ratio: float = 0.03
@@ -135,9 +135,12 @@ class TrainerConfig:
     checkpoint_every_steps: int = 0  # 0 = checkpoint at the end of each epoch only
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = None  # torch CPU threads; None = torch's default
+    # target-token loss of the pre-trained model, of the model at step 0 and after training, on
+    # a fixed slice of the training data (round-robin over data.tasks); 0 switches it off
+    step0_examples: int = 16
 
     def __post_init__(self) -> None:
-        _positive("trainer.epochs", self.epochs)
+        _positive("trainer.epochs", self.epochs, allow_zero=True)
         _positive("trainer.lr", self.lr)
         _choice("trainer.lr_scheduler", self.lr_scheduler, ["cosine", "linear", "constant"])
         if not 0 <= self.warmup_ratio < 1:
@@ -146,6 +149,7 @@ class TrainerConfig:
         _positive("trainer.per_device_batch_size", self.per_device_batch_size)
         _positive("trainer.grad_accum_steps", self.grad_accum_steps)
         _positive("trainer.eval_batch_size", self.eval_batch_size)
+        _positive("trainer.step0_examples", self.step0_examples, allow_zero=True)
         _positive("trainer.log_every", self.log_every)
         _positive("trainer.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         _choice("trainer.precision", self.precision, ["auto", "fp32", "bf16"])

@@ -190,6 +190,68 @@ def timing_markdown(rows: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mean(vals: List[float]) -> Optional[float]:
+    vals = [v for v in vals if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def study(runs: List[Dict], reference: str = "lora") -> List[Dict]:
+    """SPEC section 9's table: per method (one mode, one config per method), ROUGE mean ± std
+    over seeds with the per-seed values, the target loss of the pre-trained model / at step 0 /
+    after training on the fixed slice, the wall time, and the difference to ``reference``
+    called measurable only when it exceeds the sum of the two seed standard deviations."""
+    rows = group(runs)
+    by_path = {r["_path"]: r for r in runs}
+    out = []
+    for row in rows:
+        members = [by_path[p] for p in row["runs"]]
+        tl = [m.get("target_loss") or {} for m in members]
+        wall = [sum(t.get("train_s", 0.0) + t.get("eval_s", 0.0) for t in m["timing"].values())
+                for m in members]
+        out.append({"method": row["method"], "model": row["model"], "mode": row["mode"],
+                    "variant": row["variant"], "seeds": row["seeds"],
+                    "rouge": row["rouge"]["mean"], "rouge_std": row["rouge"]["std"],
+                    "rouge_per_seed": [m.get("rouge") for m in members],
+                    "loss_pretrained": _mean([t.get("pretrained") for t in tl]),
+                    "loss_step0": _mean([t.get("step0") for t in tl]),
+                    "loss_final": _mean([t.get("final") for t in tl]),
+                    "wall_s": _mean(wall), "runs": row["runs"]})
+    ref = next((r for r in out if r["method"] == reference), None)
+    for r in out:
+        r["vs_reference"] = None
+        if ref is not None and r is not ref and r["rouge"] is not None and ref["rouge"] is not None:
+            d = r["rouge"] - ref["rouge"]
+            spread = (r["rouge_std"] or 0.0) + (ref["rouge_std"] or 0.0)
+            r["vs_reference"] = {"method": reference, "diff": d, "spread": spread,
+                                 "measurable": abs(d) > spread}
+    return out
+
+
+def study_markdown(rows: List[Dict]) -> str:
+    def f(x, nd=2):
+        return "–" if x is None else f"{x:.{nd}f}"
+
+    head = ["method", "ROUGE-L (mean ± std)", "per seed", "Δ vs " + next(
+        (r["vs_reference"]["method"] for r in rows if r["vs_reference"]), "ref"),
+            "target loss: pre-trained / step 0 / final", "wall (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        v = r["vs_reference"]
+        vs = "–" if v is None else (f"{v['diff']:+.2f} " + ("(measurable)" if v["measurable"]
+                                                             else "(within seed spread)"))
+        name = r["method"] + (f" [{r['variant']}]" if r["variant"] else "")
+        lines.append("| " + " | ".join([
+            name, f"{f(r['rouge'])} ± {f(r['rouge_std'])}",
+            ", ".join(f(x) for x in r["rouge_per_seed"]), vs,
+            f"{f(r['loss_pretrained'], 3)} / {f(r['loss_step0'], 3)} / {f(r['loss_final'], 3)}",
+            f(None if r["wall_s"] is None else r["wall_s"] / 60, 1)]) + " |")
+    lines.append("\nROUGE-L: mean over the 15 tasks (SPEC 3), mean ± sample std over seeds. A "
+                 "difference is called measurable only when it exceeds the sum of the two seed "
+                 "standard deviations. Target loss: mean target-token cross-entropy on a fixed "
+                 "slice of the training data (trainer.step0_examples), averaged over seeds.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m badit_exp.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,6 +259,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="where to write report.* (default: first dir)")
     p.add_argument("--timing", action="store_true",
                    help="Table 3: training-time ratios vs LoRAMoE instead of the metrics table")
+    p.add_argument("--study", action="store_true",
+                   help="SPEC 9's study table (per-seed values, target losses, wall time, "
+                        "difference to --reference) instead of the metrics table")
+    p.add_argument("--reference", default="lora", help="the method --study compares with")
+    p.add_argument("--name", default="study", help="file stem of the --study outputs")
     a = p.parse_args(argv)
     runs = collect([d for d in a.dirs if d.exists()])
     if not runs:
@@ -210,6 +277,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         (out / "timing.md").write_text(md)
         (out / "timing.json").write_text(json.dumps(rows, indent=2))
         print(md)
+        return 0
+    if a.study:
+        rows = study(runs, a.reference)
+        md = study_markdown(rows)
+        (out / f"{a.name}.md").write_text(md)
+        (out / f"{a.name}.json").write_text(json.dumps(rows, indent=2))
+        print(md)
+        print(f"written: {out}/{a.name}.md, {a.name}.json")
         return 0
     rows = group(runs)
     md = markdown(rows)

@@ -20,16 +20,15 @@ layer's output is unchanged; with an input-dependent router the output changes (
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from badit_exp.config import ConfigError
 from badit_exp.methods.moe import MoLoRA, MoLoRAConfig
+from badit_exp.methods.dog_solver import (SOLVERS, objective, objective_gram, paper_assign,
+                                          search_assign, unit)
 from badit_exp.methods.moe.layer import MoLoRALinear
 from badit_exp.methods.registry import register
 from badit_exp.training import distributed as D
@@ -41,10 +40,11 @@ from badit_exp.training.engine import as_access
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def bad_init(layer: MoLoRALinear, name: str = "?") -> None:
+def bad_init(layer: MoLoRALinear, name: str = "?", residual: bool = True) -> None:
     """Split the top r*K singular components of the base weight into K contiguous experts
     (expert 0 = largest), set A/B so that s * B_k A_k = U_k diag(S_k) V_k^T, and write the
-    residual W - s * sum_k B_k A_k back into the frozen base weight (model dtype)."""
+    residual W - s * sum_k B_k A_k back into the frozen base weight (model dtype). With
+    ``residual=False`` (the anchored form) the base weight is left whole."""
     W = layer.base.weight
     n = layer.num_experts * layer.rank
     if n > min(W.shape):
@@ -58,137 +58,62 @@ def bad_init(layer: MoLoRALinear, name: str = "?") -> None:
     A = root[:, None] * Vh[:n]
     layer.lora_A.copy_(A)
     layer.lora_B.copy_(B)
-    W.copy_((Wf - layer.scaling * B @ A).to(W.dtype))
+    if residual:
+        W.copy_((Wf - layer.scaling * B @ A).to(W.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
-# DOG: the balanced orthogonal assignment (pure, batched)
+# DOG: the balanced grouping (solvers in dog_solver.py)
 # ---------------------------------------------------------------------------------------------
 
-def _unit(g: torch.Tensor) -> torch.Tensor:
-    return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _balanced_assign(scores: torch.Tensor, cap: int, rows=None, out=None) -> torch.Tensor:
-    """Exact balanced assignment maximising sum_i scores[b, i, a_i] with every expert used
-    ``cap`` times. scores: (B, n, K) CPU tensor -> (B, n) long. Hungarian algorithm (scipy) on
-    the (n x n) matrix whose columns repeat each expert ``cap`` times (32 x 32 in the paper).
-    Only the batch entries in ``rows`` are solved (the others are copied from ``out``)."""
-    B, n, K = scores.shape
-    s = scores.numpy()
-    res = np.empty((B, n), dtype=np.int64) if out is None else out.numpy().copy()
-    for b in (range(B) if rows is None else rows):
-        _, cols = linear_sum_assignment(np.repeat(s[b], cap, axis=1), maximize=True)
-        res[b] = cols // cap
-    return torch.from_numpy(res)
-
-
-def _onehot(assign: torch.Tensor, K: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(assign, K).double()  # (B, n, K)
-
-
-def _objective_gram(gram: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
-    """sum_k ||sum_{i in k} u_i||^2 = trace(P^T G P) with P the one-hot assignment."""
-    P = _onehot(assign, K)
-    return ((gram @ P) * P).sum((1, 2))
+_unit = unit
 
 
 def dog_objective(u: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
     """sum_k || sum_{i in expert k} g_i ||^2 per layer (unit gradients). -> (L,)"""
-    onehot = torch.nn.functional.one_hot(assign, K).to(u.dtype)  # (L, n, K)
-    return (onehot.transpose(1, 2) @ u).pow(2).sum(dim=(1, 2))
-
-
-def _orthonormal_scores(gram: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
-    """<u_i, q_k> with Q = U V^T from the SVD C = U S V^T of the centroid sums C = U^T P,
-    computed from the Gram matrix alone: u^T Q = G P (P^T G P)^(-1/2)."""
-    P = _onehot(assign, K)
-    GP = gram @ P  # (B, n, K) = u_i . c_k
-    w, V = torch.linalg.eigh(P.transpose(1, 2) @ GP)  # C^T C (B, K, K)
-    inv_sqrt = torch.where(w > 1e-10, w.clamp_min(1e-10).rsqrt(), torch.zeros_like(w))
-    return GP @ (V * inv_sqrt[:, None, :]) @ V.transpose(1, 2)
+    return objective(u, assign, K)
 
 
 def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
-               kmeans_iters: int = 10, n_init: int = 8, return_info: bool = False):
+               solver: str = "search", return_info: bool = False):
     """The DOG regrouping of SPEC section 5.3 for a batch of layers.
 
     Args:
         grads: (layers, r*K, D) raw gradients of the rank-1 components (row of A and column of
             B concatenated). Normalised here; zero rows are guarded.
         num_experts: K. r = r*K / K components per expert.
-        max_iters: orthogonalised-centroid iterations (SPEC: at most 10).
-        kmeans_iters: spherical K-means iterations for the start.
-        n_init: K-means starts per layer; the first is seeded by the current grouping, the
-            others by K components drawn with a fixed-seed generator. The best final objective
-            wins (like scikit-learn's ``n_init``).
+        max_iters: the ``paper`` solver's orthogonalised-centroid rounds (SPEC: at most 10).
+        solver: ``search`` (default: multi-start pair-swap local search on the objective, on
+            the gradients' device) or ``paper`` (orthogonalised centroids + Hungarian, CPU).
     Returns:
         (layers, r*K) long tensor on the gradients' device: each component's new expert, every
         expert exactly r times per layer; with ``return_info`` also per-layer objectives
-        ``current`` (grouping before), ``start`` (balanced K-means start of the winning run)
-        and ``final``.
+        ``current`` (grouping before), ``start`` (best start of the solver) and ``final``.
 
-    How: the only computation that touches the D-dimensional gradients is their Gram matrix
-    u u^T (layers x rK x rK), one batched matmul on the gradients' device. Everything after
-    (K-means, orthogonalised centroids, objectives) is written in terms of that Gram matrix
-    and runs on tiny float64 CPU tensors next to the Hungarian solver: no device round trip
-    per iteration, and torch's own thread pool (numpy's BLAS threads would fight the
-    training threads on a small CPU). Deterministic: no global RNG is touched.
+    The only computation on the D-dimensional gradients is their Gram matrix u u^T (layers x rK
+    x rK), one batched matmul on the gradients' device; the solvers work on it alone.
+    Deterministic: no global RNG is touched.
     """
     if grads.dim() != 3:
         raise ValueError(f"grads must be (layers, r*K, D), got shape {tuple(grads.shape)}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r}; choose one of {SOLVERS}")
     L, n, _ = grads.shape
     K = num_experts
     if n % K:
         raise ValueError(f"r*K = {n} components is not divisible by num_experts = {K}")
-    r = n // K
-    u = _unit(grads.float())
-    G0 = (u @ u.transpose(1, 2)).double().cpu()  # (L, n, n)
-    current = (torch.arange(n) // r).expand(L, n)
-    G = G0.repeat_interleave(n_init, dim=0)  # (B = L * n_init, n, n)
-    B = L * n_init
-
-    def cent_scores(labels):
-        P = _onehot(labels, K)
-        GP = G @ P
-        norms = (GP * P).sum(1).clamp_min(1e-24).sqrt()  # ||c_k||
-        return GP / norms[:, None, :], P.sum(1)
-
-    # spherical K-means: scores of component i against unit centroid k = (G P)_ik / ||c_k||
-    lab = current.repeat_interleave(n_init, dim=0).clone()
-    S, _ = cent_scores(lab)
-    gen = torch.Generator().manual_seed(0)
-    for b in range(B):  # random starts: centroids = K drawn unit gradients
-        if b % n_init:
-            S[b] = G[b][:, torch.randperm(n, generator=gen)[:K]]
-    for _ in range(kmeans_iters):
-        new = S.argmax(-1)
-        S_new, counts = cent_scores(new)
-        S = torch.where((counts == 0)[:, None, :], S, S_new)  # empty cluster: keep centroid
-        if torch.equal(new, lab):
-            break
-        lab = new
-    assign = _balanced_assign(S, r)
-    start_obj = _objective_gram(G, assign, K)
-    best, best_obj = assign.clone(), start_obj.clone()
-    active = list(range(B))
-    for _ in range(max_iters):  # orthogonalised centroids, balanced re-assignment
-        new = _balanced_assign(_orthonormal_scores(G, assign, K), r, rows=active, out=assign)
-        obj = _objective_gram(G, new, K)
-        better = obj > best_obj
-        best[better] = new[better]
-        best_obj = torch.maximum(obj, best_obj)
-        active = [b for b in active if not torch.equal(new[b], assign[b])]
-        assign = new
-        if not active:
-            break
-    win = best_obj.view(L, n_init).argmax(-1)
-    rows = torch.arange(L) * n_init + win
-    result = best[rows].to(grads.device)
+    u = unit(grads.float())
+    G = (u @ u.transpose(1, 2)).double()  # (L, n, n)
+    if solver == "paper":
+        assign, final, start = paper_assign(G.cpu(), K, max_iters=max_iters)
+    else:
+        assign, final, start = search_assign(G, K)
+    assign = assign.to(grads.device)
     if return_info:
-        return result, {"start": start_obj[rows].float(), "final": best_obj[rows].float(),
-                        "current": _objective_gram(G0, current.contiguous(), K).float()}
-    return result
+        current = (torch.arange(n, device=G.device) // (n // K)).expand(L, n).contiguous()
+        return assign, {"start": start.float().cpu(), "final": final.float().cpu(),
+                        "current": objective_gram(G, current, K).float().cpu()}
+    return assign
 
 
 def group_angles(u: torch.Tensor, assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -225,13 +150,18 @@ class DOGConfig:
     enabled: bool = True
     every_n_steps: int = 0  # 0 = no step trigger; N = regroup every N optimizer steps
     at_epoch_end: bool = True  # regroup on the last optimizer step of each epoch (reference)
-    until_fraction: float = 0.5  # regroup only while epoch < fraction * epochs (reference: half)
+    # regroup only at optimizer steps t (1-based) with t <= fraction * stage steps: with epoch
+    # ends and 0.5, the released code's "epoch <= E // 2"; never at a stage's last step
+    until_fraction: float = 0.5
     grad_source: str = "last"  # last: the step's gradient (reference); ema: a moving average
     ema_beta: float = 0.9
-    max_iters: int = 10
+    solver: str = "search"  # search: local search on the objective | paper: orthogonal centroids
+    max_iters: int = 10  # the paper solver's rounds
     preserve_function: bool = True  # scalar router only: rescale moved components (App. C)
 
     def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"method.dog.solver={self.solver!r}; choose one of {list(SOLVERS)}.")
         if self.grad_source not in ("last", "ema"):
             raise ConfigError(f"method.dog.grad_source={self.grad_source!r}; choose last or ema.")
         if not 0 < self.until_fraction <= 1:
@@ -260,8 +190,11 @@ class Badit(MoLoRA):
     def apply(self, model):
         model = super().apply(model)
         if self.cfg.init == "bad":
+            anchored = self.cfg.function_preserving == "anchor"
             for name, layer in self.layers.items():
-                bad_init(layer, name)
+                bad_init(layer, name, residual=not anchored)
+                if anchored:
+                    layer.anchor()
         self._ema: Dict[str, torch.Tensor] = {}
         self.regroups = 0
         return model
@@ -276,9 +209,12 @@ class Badit(MoLoRA):
         return d
 
     # -- when ---------------------------------------------------------------------------------
-    def _due(self, step: int, epoch: int, num_epochs: int, last_of_epoch: bool) -> bool:
+    def _due(self, step: int, total_steps: int, last_of_epoch: bool) -> bool:
+        """Regroup at optimizer step ``step`` (0-based) of a stage of ``total_steps``?"""
         dog = self.cfg.dog
-        if not dog.enabled or epoch >= dog.until_fraction * num_epochs:
+        if not dog.enabled or step + 1 >= total_steps:  # never after a stage's last step
+            return False
+        if step + 1 > dog.until_fraction * total_steps + 1e-9:
             return False
         by_step = dog.every_n_steps > 0 and (step + 1) % dog.every_n_steps == 0
         return by_step or (dog.at_epoch_end and last_of_epoch)
@@ -292,7 +228,8 @@ class Badit(MoLoRA):
             return None
         return torch.cat([gA, gB.t()], dim=1)
 
-    def after_backward(self, model, optimizer, step, epoch, num_epochs, last_of_epoch=False):
+    def after_backward(self, model, optimizer, step, epoch, num_epochs, last_of_epoch=False,
+                       total_steps=None):
         dog = self.cfg.dog
         if not dog.enabled:
             return
@@ -304,7 +241,7 @@ class Badit(MoLoRA):
                 prev = self._ema.get(name)
                 self._ema[name] = g.detach().clone() if prev is None else \
                     prev.mul_(dog.ema_beta).add_(g.detach(), alpha=1 - dog.ema_beta)
-        if self._due(step, epoch, num_epochs, last_of_epoch):
+        if self._due(step, total_steps if total_steps is not None else step + 2, last_of_epoch):
             self.regroup(optimizer, step=step, epoch=epoch)
 
     # -- how ----------------------------------------------------------------------------------
@@ -331,7 +268,8 @@ class Badit(MoLoRA):
         rows = []
         for names in by_shape.values():
             G = torch.stack([grads[n] for n in names])
-            assign, info = dog_assign(G, K, max_iters=self.cfg.dog.max_iters, return_info=True)
+            assign, info = dog_assign(G, K, max_iters=self.cfg.dog.max_iters,
+                                      solver=self.cfg.dog.solver, return_info=True)
             assign = D.broadcast_tensor(assign, src=0)
             u = _unit(G.float())
             cur = torch.arange(G.shape[1], device=G.device).div(G.shape[1] // K,
@@ -380,12 +318,29 @@ class Badit(MoLoRA):
             optimizer.transform(p, lambda t, dim=dim: t.index_select(dim, perm))
         if name in self._ema:
             self._ema[name].copy_(self._ema[name].index_select(0, perm))
+        if hasattr(layer, "lora_A0"):  # the anchor moves with its components
+            layer.lora_A0.copy_(layer.lora_A0.index_select(0, perm))
+            layer.lora_B0.copy_(layer.lora_B0.index_select(1, perm))
         if scale is not None:
             # B' = c B  =>  dL/dB' = dL/dB / c, Adam moments m/c and v/c^2: the next step on
             # the rescaled parameter is the rescaled step
             optimizer.transform(B, lambda t: t * scale.to(t.dtype), grad_fn=lambda g: g / scale,
                                 moment_fns={"exp_avg": lambda m: m / scale,
                                             "exp_avg_sq": lambda v: v / scale ** 2})
+
+    # -- checkpoints: the EMA gradient buffers resume with the run -------------------------------
+    def state_dict(self, model):
+        state = super().state_dict(model)
+        for name, g in self._ema.items():
+            state[f"_dog_ema.{name}"] = g.detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, model, state):
+        ema = {k[len("_dog_ema."):]: v for k, v in state.items() if k.startswith("_dog_ema.")}
+        super().load_state_dict(model, {k: v for k, v in state.items()
+                                        if not k.startswith("_dog_ema.")})
+        dev = next(iter(self.layers.values())).lora_A.device
+        self._ema = {n: g.to(dev, torch.float32).clone() for n, g in ema.items()}
 
     def on_resume(self, stage_name: str, step: int) -> None:
         if self.run_dir is not None:

@@ -85,7 +85,7 @@ class Method:
         return None
 
     def after_backward(self, model, optimizer, step: int, epoch: int, num_epochs: int,
-                       last_of_epoch: bool = False) -> None:
+                       last_of_epoch: bool = False, total_steps: Optional[int] = None) -> None:
         pass
 
     def after_optimizer_step(self, model, optimizer) -> None:
@@ -110,7 +110,7 @@ class Method:
         return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def load_state_dict(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
-        params = dict(model.named_parameters())
+        params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
         missing = [n for n in state if n not in params]
         if missing:
             raise RuntimeError(f"checkpoint holds parameters the model lacks: {missing[:3]}...")

@@ -339,7 +339,8 @@ class GainLora(Method):
         self._training_task = False
 
     # -- gradient projection ------------------------------------------------------------------
-    def after_backward(self, model, optimizer, step, epoch, num_epochs, last_of_epoch=False):
+    def after_backward(self, model, optimizer, step, epoch, num_epochs, last_of_epoch=False,
+                       total_steps=None):
         g = self.gates
         self._snap = (g.W1.detach().clone(), g.W2.detach().clone(), g.key.detach().clone())
 

@@ -92,6 +92,10 @@ def train_stage(model, method, examples: List[Dict], *, tcfg, pad_id: int, seed:
         Summary: first/last logged loss, steps, tokens (all ranks), seconds.
     """
     dcfg = dcfg or DistributedConfig()
+    if tcfg.epochs == 0:  # evaluation only: the model as initialised
+        model.eval()
+        return {"steps": 0, "tokens": 0, "seconds": 0.0, "first_loss": None, "last_loss": None,
+                "logged_losses": []}
     rank, world = D.rank(), D.world_size()
     n_micro = len(epoch_batches(len(examples), tcfg.per_device_batch_size, seed, stage_index, 0,
                                 rank, world))
@@ -150,7 +154,8 @@ def train_stage(model, method, examples: List[Dict], *, tcfg, pad_id: int, seed:
             if not boundary:
                 continue
             method.after_backward(model, engine, step=pos.step, epoch=epoch,
-                                  num_epochs=tcfg.epochs, last_of_epoch=b + 1 == len(batches))
+                                  num_epochs=tcfg.epochs, last_of_epoch=b + 1 == len(batches),
+                                  total_steps=total)
             engine.step()
             method.after_optimizer_step(model, engine)
             pos.step += 1

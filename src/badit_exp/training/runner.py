@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from badit_exp import metrics as M
 from badit_exp import plotting, provenance
 from badit_exp.config import Config, ConfigError
-from badit_exp.data.prompts import tokenize_task
+from badit_exp.data.prompts import collate_train, tokenize_task
 from badit_exp.data.superni import Task, load_task, resolve_task_names
 from badit_exp.evaluation.generate import evaluate_task
 from badit_exp.evaluation.scoring import summary_score
@@ -210,18 +210,65 @@ class Runner:
             atomic_write_text(cfg_path, OmegaConf.to_yaml(self.resolved))
 
     # ------------------------------------------------------------------------------ model
-    def build_model(self):
-        """Pristine base model + the method's adapter (deterministic from the seed)."""
+    def loss_slice(self) -> List[Dict]:
+        """The fixed slice of training data for the step-0 / final target loss: round-robin over
+        data.tasks (example 0 of every task, then example 1, ...), ``trainer.step0_examples``."""
+        n = self.cfg.trainer.step0_examples
+        lists = [self.train_examples[t] for t in self.cfg.data.tasks]
+        out: List[Dict] = []
+        for j in range(max(len(x) for x in lists)):
+            out += [x[j] for x in lists if j < len(x)]
+        return out[:n]
+
+    @torch.no_grad()
+    def target_loss(self, model) -> Optional[float]:
+        """Mean target-token cross-entropy of ``model`` on :meth:`loss_slice` (eval mode)."""
+        examples = self.loss_slice()
+        if not examples:
+            return None
+        was_training = model.training
+        model.eval()
+        amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+               if self.autocast_dtype is not None else torch.autocast("cpu", enabled=False))
+        total, count = 0.0, 0
+        bs = self.cfg.trainer.per_device_batch_size
+        for i in range(0, len(examples), bs):
+            batch = collate_train(examples[i: i + bs], self.tok.pad_token_id)
+            batch = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+            n_tok = int((batch["labels"][:, 1:] != -100).sum())
+            with amp:
+                loss = model(**batch).loss
+            total += float(loss) * n_tok
+            count += n_tok
+        model.train(was_training)
+        return total / max(count, 1)
+
+    def build_model(self, measure_step0: bool = False):
+        """Pristine base model + the method's adapter (deterministic from the seed). With
+        ``measure_step0`` the target loss of the pre-trained model and of the model with the
+        fresh adapter are stored in ``self.step0`` (a start far above the pre-trained model's
+        loss means the method does not start from the pre-trained function: warned)."""
         seed_everything(self.cfg.seed)  # same seed on every rank: identical adapters
         with D.main_first():
             base = load_model(self.cfg.model, self.cache_dir, self.device,
                               vocab_size=len(self.tok) if self.cfg.model.source == "tiny" else None)
         if base.generation_config is not None:
             base.generation_config.pad_token_id = self.tok.pad_token_id
+        pre = self.target_loss(base) if measure_step0 else None
         method = registry.build(self.cfg.method)
         method.run_dir = self.run_dir if self.is_main else None  # diagnostics: rank 0 writes
         method.task_names = list(self.cfg.data.tasks)
         model = method.apply(base)
+        if measure_step0 and pre is not None:
+            start = self.target_loss(model)
+            self.step0 = {"pretrained": pre, "step0": start, "examples": len(self.loss_slice())}
+            log.info("target loss on %d training examples: pre-trained %.4f, %s at step 0 %.4f",
+                     self.step0["examples"], pre, self.cfg.method.name, start)
+            if start > 1.1 * pre:
+                log.warning("method %s starts %.0f%% above the pre-trained model's target loss "
+                            "(%.3f vs %.3f): its adapter does not start at the pre-trained "
+                            "function (for BADIT see method.function_preserving).",
+                            self.cfg.method.name, 100 * (start / pre - 1), start, pre)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         log.info("model %s + method %s: %d trainable of %d parameters (%.3f%%)",
@@ -324,7 +371,10 @@ class Runner:
             if stage.name in progress["completed"]:
                 continue
             if model is None or stage.fresh_model:
-                model, method = self.build_model()
+                first = "target_loss" not in progress and self.cfg.trainer.step0_examples > 0
+                model, method = self.build_model(measure_step0=first)
+                if first:
+                    progress["target_loss"] = dict(self.step0)
                 if not stage.fresh_model and i > 0:
                     tensors, _, _ = ckpt.load(self.ckpt_dir / f"stage_{i - 1}")
                     method.load_state_dict(model, tensors)
@@ -336,6 +386,7 @@ class Runner:
             sync_rng()
             method.on_stage_end(model, i, stage.name, data)
             t_train = time.perf_counter() - t0
+            slice_loss = self.target_loss(model) if self.cfg.trainer.step0_examples else None
             self.checkpoint_stage(model, method, i)
             t1 = time.perf_counter()
             scores = self.evaluate(model, method, i, stage, final=(i == n - 1),
@@ -346,7 +397,10 @@ class Runner:
                                               "train_steps": summary["steps"],
                                               "train_tokens": summary["tokens"],
                                               "first_loss": summary["first_loss"],
-                                              "last_loss": summary["last_loss"]}
+                                              "last_loss": summary["last_loss"],
+                                              "slice_loss_after": slice_loss}
+            if slice_loss is not None and "target_loss" in progress:
+                progress["target_loss"]["final"] = slice_loss
             progress["completed"].append(stage.name)
             progress["global_step"] += summary["steps"]
             self._save_progress(progress)
@@ -431,6 +485,7 @@ class Runner:
         if mode == "single":
             out["single_exact_match"] = {t: res[t][t]["exact_match"] for t in out["tasks"]}
         out["timing"] = progress["timing"]
+        out["target_loss"] = progress.get("target_loss")
         t = cfg.trainer
         out["parallel"] = {"engine": cfg.distributed.name, "world_size": D.world_size(),
                            "global_batch": t.per_device_batch_size * t.grad_accum_steps

@@ -23,8 +23,9 @@ import torch
 
 from badit_exp.config import ConfigError
 from badit_exp.methods.base import Method, MethodConfig
-from badit_exp.methods.moe.layer import (ROUTER_TYPES, MoLoRALinear, RoutingContext,
-                                         attach_routing_hook, replace_linears)
+from badit_exp.methods.moe.layer import (FUNCTION_PRESERVING, ROUTER_POOLS, ROUTER_TYPES,
+                                         MoLoRALinear, RoutingContext, attach_routing_hook,
+                                         replace_linears)
 from badit_exp.methods.registry import register
 
 
@@ -36,6 +37,10 @@ class MoLoRAConfig(MethodConfig):
     balance_beta: float = 0.0  # LoRAMoE localized balancing loss weight (original: 0.1)
     balance_delta: float = 0.0  # its group-matching margin (original: 0.1)
     knowledge_tasks: List[str] = field(default_factory=list)  # tasks of sample type 1
+    router_pool: str = "prompt"  # prompt: masked prompt mean | sequence: every token (released code)
+    router_trainable: bool = True  # false: frozen at its random init (released code)
+    expert_dropout: bool = True  # false: no dropout on the expert path (released code)
+    function_preserving: str = "none"  # none | anchor | scaled_gates (see moe/layer.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +53,22 @@ class MoLoRAConfig(MethodConfig):
             raise ConfigError(f"method.router={self.router!r}; choose one of {list(ROUTER_TYPES)}.")
         if self.balance_beta < 0 or not 0 <= self.balance_delta < 1:
             raise ConfigError("method.balance_beta must be >= 0 and method.balance_delta in [0, 1).")
+        if self.router_pool not in ROUTER_POOLS:
+            raise ConfigError(f"method.router_pool={self.router_pool!r}; choose one of "
+                              f"{list(ROUTER_POOLS)}.")
+        if self.function_preserving not in FUNCTION_PRESERVING:
+            raise ConfigError(f"method.function_preserving={self.function_preserving!r}; choose "
+                              f"one of {list(FUNCTION_PRESERVING)}.")
+        if self.function_preserving == "scaled_gates" and (
+                self.router == "scalar" or self.top_k != self.num_experts):
+            raise ConfigError(
+                f"method.function_preserving=scaled_gates gives every expert gate K * softmax = 1 "
+                f"at step 0, which needs dense routing: got router={self.router}, top_k="
+                f"{self.top_k}, num_experts={self.num_experts}. Set method.top_k="
+                f"{self.num_experts} with router=sequence|token, or use function_preserving=anchor.")
+        if self.function_preserving != "none" and self.router == "scalar":
+            raise ConfigError("method.router=scalar (Eq. 7, alpha_k = 1) is already exact at "
+                              "init: set method.function_preserving=none.")
         if self.balance_beta > 0 and self.router != "token":
             raise ConfigError("method.balance_beta > 0 needs token-level gates: set "
                               "method.router=token.")
@@ -86,7 +107,14 @@ class MoLoRA(Method):
         self.layers = replace_linears(
             model, c.target_modules,
             lambda name, lin: MoLoRALinear(lin, c.num_experts, c.rank, c.alpha, c.dropout,
-                                           c.router, c.top_k, self.ctx))
+                                           c.router, c.top_k, self.ctx,
+                                           router_pool=c.router_pool,
+                                           router_trainable=c.router_trainable,
+                                           expert_dropout=c.expert_dropout,
+                                           function_preserving=c.function_preserving))
+        if c.function_preserving == "anchor":
+            for layer in self.layers.values():
+                layer.anchor()
         self.ctx.keep_gates = c.balance_beta > 0
         self._hook = attach_routing_hook(model, self.ctx)
         return model
@@ -95,12 +123,27 @@ class MoLoRA(Method):
         c = self.cfg
         return {"kind": self.kind, "num_experts": c.num_experts, "top_k": c.top_k,
                 "router": c.router, "balance_beta": c.balance_beta,
+                "router_pool": c.router_pool, "router_trainable": c.router_trainable,
+                "expert_dropout": c.expert_dropout,
+                "function_preserving": c.function_preserving,
                 "routing_at_generation": ("computed once from the prompt, reused at every "
                                           "KV-cached decoding step" if c.router == "sequence"
                                           else "per token" if c.router == "token" else "static")}
 
     def on_stage_start(self, model, stage_index, stage_name, train_batches):
         self.stage_name = stage_name
+
+    # -- checkpoints: frozen routers and anchors too (a permuted anchor is not re-derivable) ---
+    def state_dict(self, model):
+        state = super().state_dict(model)
+        for name, layer in self.layers.items():
+            prefix = f"{name}."
+            if not layer.router_weight.requires_grad:
+                state[prefix + "router_weight"] = layer.router_weight.detach().cpu().clone()
+            for b in ("lora_A0", "lora_B0"):
+                if hasattr(layer, b):
+                    state[prefix + b] = getattr(layer, b).detach().cpu().clone()
+        return state
 
     # -- balancing loss -----------------------------------------------------------------------
     def extra_loss(self, model, batch) -> Optional[torch.Tensor]:

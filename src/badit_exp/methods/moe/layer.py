@@ -18,6 +18,26 @@ Routers (``router_type``):
   decoding step (the reference disables the cache and recomputes from a growing sequence).
 * ``token``: the same per token (top_k = K gives the original LoRAMoE's dense routing).
 * ``scalar``: the paper's Eq. (7): learnable alpha_k initialised to 1, all experts active.
+
+Options (SPEC 5.2; each a ``method.*`` key):
+
+* ``router_pool``: what the sequence router averages. ``prompt``: the prompt tokens (masked
+  mean). ``sequence``: every non-padding token, target included during training (the released
+  code's unmasked mean; with batch 1, as it runs, padding never occurs so the two agree). At
+  generation both see only the prompt at prefill and reuse those gates while decoding.
+* ``router_trainable``: false freezes the router at its random init (the released code: PEFT
+  trains only ``lora_`` parameters).
+* ``expert_dropout``: false skips dropout on the expert path (the released code builds the
+  dropout module but never applies it).
+* ``function_preserving``: how the layer equals the pre-trained layer at step 0 whatever the
+  router (BAD moves the top components out of W, and gates that sum to 1 bring back only part):
+
+  - ``none``: y = W_res x + s sum_k g_k B_k A_k x (the released code; not exact at init).
+  - ``anchor``: the initial experts are kept as frozen buffers A0, B0 and the base weight is
+    left whole: y = W x + s sum_k g_k (B_k A_k - B0_k A0_k) x, exact at step 0 for any gates.
+    The buffers move with their components when DOG regroups.
+  - ``scaled_gates``: dense gates g = K * softmax(router logits) with a zero-initialised router,
+    so every g_k = 1 at step 0 and W_res + s sum_k B_k A_k = W (needs top_k = K).
 """
 
 from __future__ import annotations
@@ -30,6 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROUTER_TYPES = ("sequence", "token", "scalar")
+ROUTER_POOLS = ("prompt", "sequence")
+FUNCTION_PRESERVING = ("none", "anchor", "scaled_gates")
 
 
 @dataclass
@@ -42,6 +64,7 @@ class RoutingContext:
     """
 
     prompt_mask: Optional[torch.Tensor] = None
+    sequence_mask: Optional[torch.Tensor] = None  # the attention mask (non-padding tokens)
     reuse: bool = False
     record: bool = False
     keep_gates: bool = False  # training: keep token gates for a balancing loss
@@ -51,12 +74,24 @@ class MoLoRALinear(nn.Module):
     """A frozen linear layer plus K rank-r LoRA experts and a router."""
 
     def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: float,
-                 dropout: float, router_type: str, top_k: int, ctx: RoutingContext):
+                 dropout: float, router_type: str, top_k: int, ctx: RoutingContext,
+                 router_pool: str = "prompt", router_trainable: bool = True,
+                 expert_dropout: bool = True, function_preserving: str = "none"):
         super().__init__()
         if router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type={router_type!r}; choose one of {ROUTER_TYPES}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if router_pool not in ROUTER_POOLS:
+            raise ValueError(f"router_pool={router_pool!r}; choose one of {ROUTER_POOLS}")
+        if function_preserving not in FUNCTION_PRESERVING:
+            raise ValueError(f"function_preserving={function_preserving!r}; choose one of "
+                             f"{FUNCTION_PRESERVING}")
+        if function_preserving == "scaled_gates" and (router_type == "scalar" or top_k != num_experts):
+            raise ValueError("function_preserving=scaled_gates needs a sequence/token router "
+                             "with top_k = num_experts")
+        self.router_pool = router_pool
+        self.function_preserving = function_preserving
         self.base = base
         self.num_experts, self.rank, self.top_k = num_experts, rank, top_k
         self.scaling = alpha / rank
@@ -74,15 +109,29 @@ class MoLoRALinear(nn.Module):
         else:
             lin = nn.Linear(d_in, num_experts, bias=False, device=dev, dtype=torch.float32)
             self.router_weight = lin.weight  # default nn.Linear init
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            if function_preserving == "scaled_gates":
+                nn.init.zeros_(self.router_weight)  # K * softmax(0) = 1 for every expert
+        self.router_weight.requires_grad_(router_trainable)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and expert_dropout else nn.Identity()
+        if function_preserving == "anchor":  # the initial experts, frozen (set by anchor())
+            self.register_buffer("lora_A0", torch.zeros(n, d_in, device=dev))
+            self.register_buffer("lora_B0", torch.zeros(d_out, n, device=dev))
         self._cached_gates: Optional[torch.Tensor] = None
         self.last_gates: Optional[torch.Tensor] = None
         self.stats_sum = torch.zeros(num_experts, dtype=torch.float64)
         self.stats_n = 0
 
     # -- routing ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def anchor(self) -> None:
+        """Freeze the current experts as the anchor A0, B0 (``function_preserving=anchor``)."""
+        self.lora_A0.copy_(self.lora_A)
+        self.lora_B0.copy_(self.lora_B)
+
     def _topk(self, logits: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float(), dim=-1)
+        if self.function_preserving == "scaled_gates":
+            return probs * self.num_experts
         if self.top_k == self.num_experts:
             return probs
         val, idx = probs.topk(self.top_k, dim=-1)
@@ -97,7 +146,7 @@ class MoLoRALinear(nn.Module):
             return self._topk(F.linear(x.float(), self.router_weight))
         if self.ctx.reuse and self._cached_gates is not None:
             return self._cached_gates
-        m = self.ctx.prompt_mask
+        m = self.ctx.prompt_mask if self.router_pool == "prompt" else self.ctx.sequence_mask
         if m is None or m.shape[:2] != x.shape[:2]:
             pooled = x.float().mean(dim=1)
         else:
@@ -118,7 +167,12 @@ class MoLoRALinear(nn.Module):
         gr = g.repeat_interleave(self.rank, dim=-1)
         if gr.dim() == 2:
             gr = gr.unsqueeze(1)
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * gr
+        xd = self.dropout(x).to(self.lora_A.dtype)
+        if self.function_preserving == "anchor":  # [A; A0] and [B, -B0]: one matmul each
+            h = F.linear(xd, torch.cat([self.lora_A, self.lora_A0])) * gr.repeat(
+                *([1] * (gr.dim() - 1)), 2)
+            return y + (self.scaling * F.linear(h, torch.cat([self.lora_B, -self.lora_B0], 1))).to(y.dtype)
+        h = F.linear(xd, self.lora_A) * gr
         return y + (self.scaling * F.linear(h, self.lora_B)).to(y.dtype)
 
     def _record(self, g: torch.Tensor) -> None:
@@ -159,6 +213,7 @@ def attach_routing_hook(model: nn.Module, ctx: RoutingContext):
             return None
         if am is None and ids is not None:
             am = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
+        ctx.sequence_mask = am
         if am is not None and labels is not None:
             ctx.prompt_mask = am * (labels == -100).to(am.dtype)
         else:
