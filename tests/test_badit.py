@@ -52,8 +52,8 @@ def test_bad_rank_too_large_is_a_clear_error():
         bad_init(layer, "big")
 
 
-def _tiny(method, extra=()):
-    cfg = validate(compose_cfg(["model=tiny-llama", f"method={method}", "method.dropout=0.0", *extra]))
+def _tiny(method, extra=(), model="tiny-llama"):
+    cfg = validate(compose_cfg([f"model={model}", f"method={method}", "method.dropout=0.0", *extra]))
     torch.manual_seed(0)
     base, tok = load_model_and_tokenizer(cfg.model, CACHE, resolve_device("cpu"))
     ids = torch.randint(5, len(tok), (2, 9))
@@ -65,16 +65,75 @@ def _tiny(method, extra=()):
     return model, m, ids, ref
 
 
-def test_bad_with_scalar_router_keeps_the_model_at_step0():
-    model, m, ids, ref = _tiny("badit", ["method.router=scalar", "method.top_k=8"])
-    with torch.no_grad():
+FUNCTION_PRESERVING = {  # every setting that must start exactly at the pre-trained model
+    "default (scaled_gates, sequence router)": ("badit", []),
+    "scaled_gates, token router": ("badit", ["method.router=token"]),
+    "scaled_gates, router_pool=sequence": ("badit", ["method.router_pool=sequence"]),
+    "anchor, top-4 sequence router": ("badit_anchor", []),
+    "anchor, top-2 token router": ("badit_anchor", ["method.router=token", "method.top_k=2"]),
+    "anchor, reference routing (K=6 dense, frozen, sequence pool)": (
+        "badit_reference", ["method.function_preserving=anchor"]),
+    "paper (scalar Eq. 7)": ("badit_paper", []),
+    "w/o BAD": ("badit_wo_bad", []),
+}
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen3", "tiny-gemma2"])
+@pytest.mark.parametrize("setting", list(FUNCTION_PRESERVING))
+def test_function_preserving_settings_start_at_the_pretrained_model(model_name, setting):
+    method, extra = FUNCTION_PRESERVING[setting]
+    model, m, ids, ref = _tiny(method, extra, model=model_name)
+    with torch.no_grad():  # a random input-dependent router: gates differ per sequence
         torch.testing.assert_close(model(input_ids=ids).logits, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_bad_with_topk_router_changes_the_output_at_step0():
-    model, m, ids, ref = _tiny("badit")
+@pytest.mark.parametrize("method,extra", [("badit_reference", []),
+                                          ("badit", ["method.function_preserving=none",
+                                                     "method.top_k=4"])])
+def test_bad_without_function_preservation_changes_the_output_at_step0(method, extra):
+    model, m, ids, ref = _tiny(method, extra)
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, ref, atol=1e-3)
+
+
+def test_reference_config_is_the_released_code():
+    model, m, _, _ = _tiny("badit_reference", model="tiny-llama")
+    c = m.cfg
+    assert (c.num_experts, c.top_k, c.router, c.router_pool) == (6, 6, "sequence", "sequence")
+    for l in m.layers.values():
+        assert not l.router_weight.requires_grad  # frozen at its random init
+        assert isinstance(l.dropout, nn.Identity)  # dropout 0.05 configured, never applied
+        assert float(l.router_weight.abs().sum()) > 0
+    state = m.state_dict(model)
+    assert any(k.endswith("router_weight") for k in state)  # the frozen router is checkpointed
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (["method.function_preserving=scaled_gates", "method.top_k=4"], "needs dense routing"),
+    (["method.router=scalar", "method.function_preserving=anchor"], "already exact"),
+    (["method.router_pool=tokens"], "router_pool"),
+    (["method.function_preserving=exact"], "function_preserving"),
+    (["method.dog.solver=hungarian"], "dog.solver"),
+])
+def test_bad_badit_options_are_clear_errors(bad, msg):
+    with pytest.raises(ConfigError, match=msg):
+        validate(compose_cfg(["model=tiny-llama", "method=badit", *bad]))
+
+
+def test_router_pool_sequence_averages_every_non_padding_token():
+    layer, _ = _layer(router="sequence")
+    layer.router_pool = "sequence"
+    x = torch.randn(2, 5, 16)
+    am = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    layer.ctx.prompt_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    layer.ctx.sequence_mask = am
+    pooled = (x * am[..., None]).sum(1) / am.sum(1, keepdim=True)
+    want = torch.softmax(pooled @ layer.router_weight.t(), -1)
+    torch.testing.assert_close(layer.gates(x), want)
+    layer.router_pool = "prompt"
+    pm = layer.ctx.prompt_mask
+    want = torch.softmax(((x * pm[..., None]).sum(1) / pm.sum(1, keepdim=True)) @ layer.router_weight.t(), -1)
+    torch.testing.assert_close(layer.gates(x), want)
 
 
 # ----------------------------------------------------------------------------- DOG (pure)
@@ -152,7 +211,8 @@ def test_regroup_keeps_the_sum_of_components_and_balance():
 
 
 def test_regroup_with_scalar_router_preserves_the_function():
-    model, m, opt, batch = _train_setup(extra=["method.router=scalar", "method.top_k=8"])
+    model, m, opt, batch = _train_setup(extra=["method.router=scalar", "method.top_k=8",
+                                               "method.function_preserving=none"])
     with torch.no_grad():  # make the scalar weights differ between experts
         for l in m.layers.values():
             l.router_weight.copy_(torch.linspace(0.5, 2.0, 8))
@@ -209,11 +269,39 @@ def test_regroup_before_any_optimizer_step_works():
     opt.step()
 
 
+def _regroup_steps(m, epochs, spe=3):
+    total = epochs * spe
+    return [t for t in range(total) if m._due(t, total, last_of_epoch=(t + 1) % spe == 0)]
+
+
 def test_dog_schedule():
-    _, m, _, _ = _tiny("badit")
-    due = [(e, s) for e in range(4) for s in range(3) if m._due(s, e, 4, last_of_epoch=s == 2)]
-    assert due == [(0, 2), (1, 2)]  # epoch ends, first half
+    _, m, _, _ = _tiny("badit_reference")
+    assert _regroup_steps(m, 4) == [2, 5]  # epoch ends while epoch <= E // 2 (1-based)
+    assert _regroup_steps(m, 3) == [2]  # E // 2 = 1: the released code's rule, not 1.5
+    assert _regroup_steps(m, 2) == [2]
+    assert _regroup_steps(m, 1) == []  # E // 2 = 0; and never after a stage's last step
     _, m, _, _ = _tiny("badit", ["method.dog.every_n_steps=1", "method.dog.until_fraction=1.0"])
-    assert all(m._due(s, e, 4, False) for e in range(4) for s in range(3))
+    assert _regroup_steps(m, 4) == list(range(11))  # every step but the stage's last
+    _, m, _, _ = _tiny("badit", ["method.dog.until_fraction=1.0"])
+    assert _regroup_steps(m, 1) == []  # a 1-epoch run does not regroup at its very end
+    assert _regroup_steps(m, 2) == [2]
     _, m, _, _ = _tiny("badit_wo_dog")
-    assert not m._due(0, 0, 4, True)
+    assert _regroup_steps(m, 4) == []
+
+
+def test_anchor_moves_with_its_components():
+    model, m, opt, batch = _train_setup("badit_anchor")
+    _step(model, opt, batch)
+    opt.step()
+    _step(model, opt, batch)
+    before = {n: (l.lora_A.detach().clone(), l.lora_A0.clone(), l.lora_B0.clone(), l.lora_B.detach().clone())
+              for n, l in m.layers.items()}
+    info = m.regroup(opt)
+    assert info["mean_moved"] > 0
+    for n, l in m.layers.items():
+        A, A0, B0, B = before[n]
+        # slot j now holds old component perm[j]: A, A0 rows and B, B0 columns moved together
+        perm = torch.tensor([int((A == l.lora_A[j]).all(1).nonzero()[0]) for j in range(A.shape[0])])
+        torch.testing.assert_close(l.lora_A0, A0[perm], atol=0, rtol=0)
+        torch.testing.assert_close(l.lora_B0, B0[:, perm], atol=0, rtol=0)
+        torch.testing.assert_close(l.lora_B.detach(), B[:, perm], atol=0, rtol=0)

@@ -113,14 +113,19 @@ def _log_rows(path, keys):
     return [{k: r.get(k) for k in keys} for r in rows]
 
 
-@pytest.mark.parametrize("method", ["lora", "badit"])
+@pytest.mark.parametrize("method", ["lora", "badit", "badit_ema"])
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method):
+    """Killed mid-epoch and restarted = uninterrupted, bit for bit (with DOG's EMA gradient
+    buffers, which the checkpoint must carry, for badit_ema)."""
     from badit_exp.methods.badit import Badit
 
-    klass = {"lora": PeftLora, "badit": Badit}[method]
-    extra = ["method.dog.every_n_steps=1", "method.dog.until_fraction=1.0"] if method == "badit" else []
+    klass = {"lora": PeftLora, "badit": Badit, "badit_ema": Badit}[method]
+    extra = ["method.dog.every_n_steps=1", "method.dog.until_fraction=1.0"] if method != "lora" else []
+    if method == "badit_ema":
+        extra += ["method.dog.grad_source=ema", "method.dog.ema_beta=0.5"]
     over = tiny_overrides(tmp_path, extra=SEQ + ["trainer.epochs=2", "trainer.checkpoint_every_steps=1",
-                                                  "method.dropout=0.1", f"method={method}", *extra])
+                                                  "method.dropout=0.1",
+                                                  f"method={method.replace('_ema', '')}", *extra])
     run_tiny(tmp_path / "ref", over)
     calls = {"n": 0}
     orig = klass.after_optimizer_step
@@ -145,7 +150,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method):
     ref_rows = [r for r in _log_rows(tmp_path / "ref" / "train_log.jsonl", keys) if r["train/loss"] is not None]
     new_rows = [r for r in _log_rows(tmp_path / "crash" / "train_log.jsonl", keys) if r["train/loss"] is not None]
     assert new_rows == ref_rows
-    if method == "badit":
+    if method != "lora":
         keys = ["regroup", "step", "stage", "mean_objective_after", "mean_moved"]
         assert _log_rows(tmp_path / "crash" / "dog_log.jsonl", keys) == \
             _log_rows(tmp_path / "ref" / "dog_log.jsonl", keys)
