@@ -43,6 +43,11 @@ CONFIGS = {
     "badit": ["method=badit"],
     "badit_dog_every_step": ["method=badit", "method.dog.every_n_steps=1",
                              "method.dog.at_epoch_end=false", "method.dog.until_fraction=1.0"],
+    # the same, the regroup solved and applied before each step's update (dog.overlap=off;
+    # the default, auto, overlaps the solve with the next step on a GPU)
+    "badit_dog_every_step_sync": ["method=badit", "method.dog.every_n_steps=1",
+                                  "method.dog.at_epoch_end=false", "method.dog.until_fraction=1.0",
+                                  "method.dog.overlap=off"],
 }
 
 
@@ -197,6 +202,8 @@ def main():
             "badit_default/loramoe (mean)": res["badit"]["mean_s"] / res["loramoe"]["mean_s"],
             "badit_dog_every_step/loramoe (mean)":
                 res["badit_dog_every_step"]["mean_s"] / res["loramoe"]["mean_s"],
+            "badit_dog_every_step_sync/loramoe (mean)":
+                res["badit_dog_every_step_sync"]["mean_s"] / res["loramoe"]["mean_s"],
         },
         "dog_regroup_all_layers_s": regroup_s,
         "dog_layers": int(grads.shape[0]),

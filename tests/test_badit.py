@@ -305,3 +305,40 @@ def test_anchor_moves_with_its_components():
         torch.testing.assert_close(l.lora_A0, A0[perm], atol=0, rtol=0)
         torch.testing.assert_close(l.lora_B0, B0[:, perm], atol=0, rtol=0)
         torch.testing.assert_close(l.lora_B.detach(), B[:, perm], atol=0, rtol=0)
+
+
+def test_overlapped_regroup_is_applied_at_the_next_step_from_the_earlier_gradients():
+    model, m, opt, batch = _train_setup("badit", ["method.dog.overlap=on",
+                                                  "method.dog.every_n_steps=1",
+                                                  "method.dog.until_fraction=1.0"])
+    _step(model, opt, batch)
+    grads_t = torch.stack([torch.cat([l.lora_A.grad, l.lora_B.grad.t()], 1) for l in m.layers.values()])
+    before = {n: l.lora_A.detach().clone() for n, l in m.layers.items()}
+    m.after_backward(model, opt, step=0, epoch=0, num_epochs=1, total_steps=10)
+    assert m._pending is not None  # solved in the worker, nothing moved yet
+    for n, l in m.layers.items():
+        assert torch.equal(l.lora_A, before[n])
+    opt.step()
+    _step(model, opt, batch)
+    after_update = {n: l.lora_A.detach().clone() for n, l in m.layers.items()}
+    info = m._apply(m._take_pending()["solved"], opt, step=1, epoch=0, gradient_step=0)
+    m._pending = None
+    assert info["step"] == 1 and info["gradient_step"] == 0 and m.regroups == 1
+    perms = permutation_from_assignment(dog_assign(grads_t, 8), 8)
+    for (n, l), perm in zip(m.layers.items(), perms):
+        torch.testing.assert_close(l.lora_A.detach(), after_update[n][perm], atol=0, rtol=0)
+
+
+def test_overlap_auto_is_off_on_cpu():
+    _, m, _, _ = _tiny("badit")
+    assert m.cfg.dog.overlap == "auto" and not m._overlap()
+
+
+def test_gram_angles_equal_vector_angles():
+    from badit_exp.methods.badit import gram_angles
+
+    G = _grads(L=4, K=4, r=3, D=30, seed=5)
+    u = G / G.norm(dim=-1, keepdim=True)
+    a = dog_assign(G, 4)
+    for x, y in zip(group_angles(u, a, 4), gram_angles((u @ u.transpose(1, 2)).double(), a, 4)):
+        torch.testing.assert_close(x.double(), y, atol=1e-3, rtol=1e-4)

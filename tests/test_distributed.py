@@ -153,7 +153,7 @@ def test_ddp_dog_keeps_replicas_identical(ddp_run, superni):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = _dog_rows(run_dir)
     steps = json.loads((run_dir / "progress.json").read_text())["global_step"]
-    assert len(rows) == steps >= 4  # one regroup per optimizer step, logged once (rank 0)
+    assert len(rows) == steps - 1 >= 3  # every optimizer step but the last, logged once (rank 0)
     assert sum(r["mean_moved"] > 0 for r in rows) >= 3  # the regroups really move components
     assert (run_dir / "adapter").is_dir()
     par = json.loads((run_dir / "metrics.json").read_text())["parallel"]

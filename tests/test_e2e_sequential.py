@@ -113,19 +113,21 @@ def _log_rows(path, keys):
     return [{k: r.get(k) for k in keys} for r in rows]
 
 
-@pytest.mark.parametrize("method", ["lora", "badit", "badit_ema"])
+@pytest.mark.parametrize("method", ["lora", "badit", "badit_ema", "badit_overlap"])
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method):
     """Killed mid-epoch and restarted = uninterrupted, bit for bit (with DOG's EMA gradient
     buffers, which the checkpoint must carry, for badit_ema)."""
     from badit_exp.methods.badit import Badit
 
-    klass = {"lora": PeftLora, "badit": Badit, "badit_ema": Badit}[method]
+    klass = {"lora": PeftLora, "badit": Badit, "badit_ema": Badit, "badit_overlap": Badit}[method]
     extra = ["method.dog.every_n_steps=1", "method.dog.until_fraction=1.0"] if method != "lora" else []
     if method == "badit_ema":
         extra += ["method.dog.grad_source=ema", "method.dog.ema_beta=0.5"]
+    if method == "badit_overlap":  # a solved regroup waiting for its step is checkpointed
+        extra += ["method.dog.overlap=on"]
     over = tiny_overrides(tmp_path, extra=SEQ + ["trainer.epochs=2", "trainer.checkpoint_every_steps=1",
                                                   "method.dropout=0.1",
-                                                  f"method={method.replace('_ema', '')}", *extra])
+                                                  f"method={method.split('_')[0]}", *extra])
     run_tiny(tmp_path / "ref", over)
     calls = {"n": 0}
     orig = klass.after_optimizer_step

@@ -27,8 +27,8 @@ import torch
 
 from badit_exp.config import ConfigError
 from badit_exp.methods.moe import MoLoRA, MoLoRAConfig
-from badit_exp.methods.dog_solver import (SOLVERS, objective, objective_gram, paper_assign,
-                                          search_assign, unit)
+from badit_exp.methods.dog_solver import (SOLVERS, objective, objective_gram, onehot,
+                                          paper_assign, search_assign, unit)
 from badit_exp.methods.moe.layer import MoLoRALinear
 from badit_exp.methods.registry import register
 from badit_exp.training import distributed as D
@@ -116,6 +116,23 @@ def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
     return assign
 
 
+def gram_angles(G: torch.Tensor, assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_angles` from the Gram matrices G = u u^T (L, n, n) alone."""
+    n = G.shape[1]
+    same = assign[:, :, None] == assign[:, None, :]
+    off = ~torch.eye(n, dtype=torch.bool, device=G.device)
+    mask = same & off
+    ang = torch.rad2deg(torch.acos(G.clamp(-1, 1)))
+    intra = (ang * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1)
+    P = onehot(assign, K, G.dtype)
+    C = P.transpose(1, 2) @ G @ P  # c_a . c_b
+    d = C.diagonal(dim1=1, dim2=2).clamp_min(1e-24).sqrt()
+    ccos = (C / (d[:, :, None] * d[:, None, :])).clamp(-1, 1)
+    offk = ~torch.eye(K, dtype=torch.bool, device=G.device)
+    inter = torch.rad2deg(torch.acos(ccos))[:, offk].mean(-1)
+    return intra, inter
+
+
 def group_angles(u: torch.Tensor, assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean intra-expert pairwise angle and mean inter-expert angle (between experts' summed
     gradients), degrees, per layer. u: (L, n, D) unit gradients."""
@@ -158,8 +175,14 @@ class DOGConfig:
     solver: str = "search"  # search: local search on the objective | paper: orthogonal centroids
     max_iters: int = 10  # the paper solver's rounds
     preserve_function: bool = True  # scalar router only: rescale moved components (App. C)
+    # off: regroup before this step's update (Algorithm 1); on: solve in a worker thread while
+    # the next step runs and apply before that step's update (one step late, off the critical
+    # path); auto: on when the adapters live on a GPU
+    overlap: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.overlap not in ("auto", "on", "off"):
+            raise ConfigError(f"method.dog.overlap={self.overlap!r}; choose auto, on or off.")
         if self.solver not in SOLVERS:
             raise ConfigError(f"method.dog.solver={self.solver!r}; choose one of {list(SOLVERS)}.")
         if self.grad_source not in ("last", "ema"):
@@ -197,6 +220,8 @@ class Badit(MoLoRA):
                     layer.anchor()
         self._ema: Dict[str, torch.Tensor] = {}
         self.regroups = 0
+        self._pending: Optional[Dict] = None  # an overlapped regroup waiting for its step
+        self._pool = None
         return model
 
     def describe(self):
@@ -241,21 +266,31 @@ class Badit(MoLoRA):
                 prev = self._ema.get(name)
                 self._ema[name] = g.detach().clone() if prev is None else \
                     prev.mul_(dog.ema_beta).add_(g.detach(), alpha=1 - dog.ema_beta)
+        self._apply_pending(optimizer, step, epoch)  # an overlapped regroup from the last step
         if self._due(step, total_steps if total_steps is not None else step + 2, last_of_epoch):
-            self.regroup(optimizer, step=step, epoch=epoch)
+            if self._overlap():
+                self._submit(optimizer, step, epoch)
+            else:
+                self.regroup(optimizer, step=step, epoch=epoch)
 
     # -- how ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def regroup(self, optimizer, step: int = -1, epoch: int = -1) -> Dict:
-        """Regroup every layer (layers of one shape in one batched call); permute parameters,
-        gradients, EMA buffers and the optimizer's moments identically. Returns diagnostics.
+    # A regroup is three steps: plan (the only work on the D-dimensional gradients: their Gram
+    # matrices, batched per layer shape, on the gradients' device), solve (the grouping and the
+    # diagnostics, from the Gram matrices alone) and apply (permute parameters, gradients,
+    # moments, EMA buffers, anchors). Synchronous (dog.overlap off): all three before this
+    # step's update, as Algorithm 1. Overlapped (on; auto = on a GPU): solve runs in a worker
+    # thread (on a side CUDA stream) while training goes on, and apply happens at the next
+    # optimizer step, before its update: the regroup is one step late, and the critical path
+    # holds only plan and apply.
+    def _overlap(self) -> bool:
+        o = self.cfg.dog.overlap
+        if o == "auto":
+            return next(iter(self.layers.values())).lora_A.device.type == "cuda"
+        return o == "on"
 
-        ``optimizer``: the training engine (or a torch optimizer, or None). Under data
-        parallelism the gradients are the reduced ones, identical on every rank, and rank 0's
-        assignment is broadcast anyway so no rank can drift on a floating-point tie.
-        """
+    @torch.no_grad()
+    def _plan(self, optimizer) -> List[Tuple[List[str], torch.Tensor]]:
         optimizer = as_access(optimizer)
-        K = self.cfg.num_experts
         by_shape: Dict[Tuple, List[str]] = {}
         grads: Dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
@@ -265,30 +300,61 @@ class Badit(MoLoRA):
                 continue
             grads[name] = g
             by_shape.setdefault(tuple(g.shape), []).append(name)
-        rows = []
+        plan = []
         for names in by_shape.values():
-            G = torch.stack([grads[n] for n in names])
-            assign, info = dog_assign(G, K, max_iters=self.cfg.dog.max_iters,
-                                      solver=self.cfg.dog.solver, return_info=True)
-            assign = D.broadcast_tensor(assign, src=0)
-            u = _unit(G.float())
-            cur = torch.arange(G.shape[1], device=G.device).div(G.shape[1] // K,
-                                                                rounding_mode="floor")
-            intra0, inter0 = group_angles(u, cur.expand_as(assign), K)
-            intra1, inter1 = group_angles(u, assign, K)
+            u = unit(torch.stack([grads[n] for n in names]).float())
+            plan.append((names, (u @ u.transpose(1, 2)).double()))
+        return plan
+
+    @torch.no_grad()
+    def _solve(self, plan) -> List[Dict]:
+        """Per layer group: the assignment (on the plan's device), its permutation, and the
+        diagnostic rows (CPU numbers, so applying needs no host synchronisation)."""
+        K = self.cfg.num_experts
+        out = []
+        for names, G in plan:
+            L, n, _ = G.shape
+            cur = (torch.arange(n, device=G.device) // (n // K)).expand(L, n).contiguous()
+            if self.cfg.dog.solver == "paper":
+                assign, final, start = paper_assign(G.cpu(), K, max_iters=self.cfg.dog.max_iters)
+                assign = assign.to(G.device)
+            else:
+                assign, final, start = search_assign(G, K)
             perm = permutation_from_assignment(assign, K)
-            for j, n in enumerate(names):
-                moved = int((assign[j] != cur).sum())
-                self._apply_permutation(n, self.layers[n], perm[j], assign[j], optimizer)
-                rows.append({"layer": n, "objective_before": float(info["current"][j]),
-                             "objective_kmeans_start": float(info["start"][j]),
-                             "objective_after": float(info["final"][j]), "moved": moved,
-                             "intra_angle_before": float(intra0[j]),
-                             "inter_angle_before": float(inter0[j]),
-                             "intra_angle_after": float(intra1[j]),
-                             "inter_angle_after": float(inter1[j])})
+            intra0, inter0 = gram_angles(G, cur, K)
+            intra1, inter1 = gram_angles(G, assign, K)
+            stats = torch.stack([objective_gram(G, cur, K), start, final,
+                                 (assign != cur).sum(-1).to(G.dtype), intra0, inter0, intra1,
+                                 inter1], 1).cpu().tolist()
+            keys = ["objective_before", "objective_kmeans_start", "objective_after", "moved",
+                    "intra_angle_before", "inter_angle_before", "intra_angle_after",
+                    "inter_angle_after"]
+            rows = [{"layer": nm, **dict(zip(keys, st))} for nm, st in zip(names, stats)]
+            for r in rows:
+                r["moved"] = int(r["moved"])
+            out.append({"names": names, "assign": assign, "perm": perm, "rows": rows})
+        return out
+
+    @torch.no_grad()
+    def _apply(self, solved: List[Dict], optimizer, step: int, epoch: int,
+               gradient_step: Optional[int] = None) -> Dict:
+        optimizer = as_access(optimizer)
+        rows = []
+        for grp in solved:
+            # every rank reached the same grouping from the same reduced gradients; rank 0's
+            # is broadcast anyway so no rank can drift on a floating-point tie
+            assign = D.broadcast_tensor(grp["assign"], src=0)
+            perm = grp["perm"] if assign is grp["assign"] else permutation_from_assignment(
+                assign, self.cfg.num_experts)
+            for j, (n, row) in enumerate(zip(grp["names"], grp["rows"])):
+                if row["moved"] or D.world_size() > 1:  # ranks must stay in step
+                    self._apply_permutation(n, self.layers[n], perm[j], assign[j], optimizer)
+            rows += grp["rows"]
         self.regroups += 1
-        summary = {"regroup": self.regroups, "step": step, "epoch": epoch}
+        # step: the optimizer step whose update first sees the new grouping (resume truncates
+        # the log by it); gradient_step: the step whose gradients chose it (overlap: one before)
+        summary = {"regroup": self.regroups, "step": step, "epoch": epoch,
+                   "gradient_step": step if gradient_step is None else gradient_step}
         if rows:
             for k in rows[0]:
                 if k != "layer":
@@ -298,11 +364,61 @@ class Badit(MoLoRA):
                 f.write(json.dumps({**summary, "stage": self.stage_name, "layers": rows}) + "\n")
         return summary
 
+    def regroup(self, optimizer, step: int = -1, epoch: int = -1) -> Dict:
+        """Regroup every layer now (plan, solve, apply; see above). Returns diagnostics.
+
+        ``optimizer``: the training engine (or a torch optimizer, or None). Under data
+        parallelism the gradients are the reduced ones, identical on every rank.
+        """
+        return self._apply(self._solve(self._plan(optimizer)), optimizer, step, epoch)
+
+    def _submit(self, optimizer, step: int, epoch: int) -> None:
+        """Overlapped regroup: plan now, solve in the worker, apply at the next step."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        plan = self._plan(optimizer)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dog")
+        dev = plan[0][1].device if plan else torch.device("cpu")
+        if dev.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()  # the Gram matrices are computed on the current stream
+
+            def work():
+                side = self._side_stream = getattr(self, "_side_stream", None) or \
+                    torch.cuda.Stream(device=dev)
+                with torch.cuda.stream(side):
+                    side.wait_event(ready)
+                    solved = self._solve(plan)  # syncs only this stream (diagnostic numbers)
+                    done = torch.cuda.Event()
+                    done.record(side)
+                return solved, done
+        else:
+            def work():
+                return self._solve(plan), None
+        self._pending = {"future": self._pool.submit(work), "step": step, "epoch": epoch}
+
+    def _take_pending(self) -> Optional[Dict]:
+        """Wait for the worker; the solved regroup (or None)."""
+        p = self._pending
+        if p is None:
+            return None
+        if "future" in p:
+            solved, done = p.pop("future").result()
+            if done is not None:
+                torch.cuda.current_stream().wait_event(done)  # no host synchronisation
+            p["solved"] = solved
+        return p
+
+    def _apply_pending(self, optimizer, step: int, epoch: int) -> None:
+        p = self._take_pending()
+        if p is not None:
+            self._pending = None
+            self._apply(p["solved"], optimizer, step, epoch, gradient_step=p["step"])
+
     def _apply_permutation(self, name: str, layer: MoLoRALinear, perm: torch.Tensor,
                            assign: torch.Tensor, optimizer) -> None:
         r, K = layer.rank, layer.num_experts
-        if torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
-            return
         A, B = layer.lora_A, layer.lora_B
         # scale of each new slot's component (function preservation with scalar routing)
         scale = None
@@ -329,18 +445,53 @@ class Badit(MoLoRA):
                                             "exp_avg_sq": lambda v: v / scale ** 2})
 
     # -- checkpoints: the EMA gradient buffers resume with the run -------------------------------
+    _ROW_KEYS = ["objective_before", "objective_kmeans_start", "objective_after", "moved",
+                 "intra_angle_before", "inter_angle_before", "intra_angle_after",
+                 "inter_angle_after"]
+
     def state_dict(self, model):
         state = super().state_dict(model)
         for name, g in self._ema.items():
             state[f"_dog_ema.{name}"] = g.detach().cpu().clone()
+        p = self._take_pending()  # an overlapped regroup solved but not yet applied
+        if p is not None:
+            state["_dog_pending.when"] = torch.tensor([p["step"], p["epoch"]])
+            for gi, grp in enumerate(p["solved"]):
+                for j, (n, row) in enumerate(zip(grp["names"], grp["rows"])):
+                    state[f"_dog_pending.assign.{gi}.{n}"] = grp["assign"][j].cpu().clone()
+                    state[f"_dog_pending.rows.{gi}.{n}"] = torch.tensor(
+                        [row[k] for k in self._ROW_KEYS], dtype=torch.float64)
         return state
 
     def load_state_dict(self, model, state):
-        ema = {k[len("_dog_ema."):]: v for k, v in state.items() if k.startswith("_dog_ema.")}
-        super().load_state_dict(model, {k: v for k, v in state.items()
-                                        if not k.startswith("_dog_ema.")})
+        own = ("_dog_ema.", "_dog_pending.")
+        super().load_state_dict(model, {k: v for k, v in state.items() if not k.startswith(own)})
         dev = next(iter(self.layers.values())).lora_A.device
-        self._ema = {n: g.to(dev, torch.float32).clone() for n, g in ema.items()}
+        self._ema = {k[len("_dog_ema."):]: g.to(dev, torch.float32).clone()
+                     for k, g in state.items() if k.startswith("_dog_ema.")}
+        self._pending = None
+        if "_dog_pending.when" in state:
+            step, epoch = state["_dog_pending.when"].tolist()
+            groups: Dict[int, Dict] = {}
+            for k, v in state.items():
+                if k.startswith("_dog_pending.assign."):
+                    gi, name = k[len("_dog_pending.assign."):].split(".", 1)
+                    grp = groups.setdefault(int(gi), {"names": [], "assign": [], "rows": []})
+                    row = dict(zip(self._ROW_KEYS, state[f"_dog_pending.rows.{gi}.{name}"].tolist()))
+                    row["moved"] = int(row["moved"])
+                    grp["names"].append(name)
+                    grp["assign"].append(v.to(dev))
+                    grp["rows"].append({"layer": name, **row})
+            order = list(self.layers)
+            solved = []
+            for gi in sorted(groups):
+                grp = groups[gi]
+                idx = sorted(range(len(grp["names"])), key=lambda i: order.index(grp["names"][i]))
+                assign = torch.stack([grp["assign"][i] for i in idx])
+                solved.append({"names": [grp["names"][i] for i in idx], "assign": assign,
+                               "perm": permutation_from_assignment(assign, self.cfg.num_experts),
+                               "rows": [grp["rows"][i] for i in idx]})
+            self._pending = {"solved": solved, "step": step, "epoch": epoch}
 
     def on_resume(self, stage_name: str, step: int) -> None:
         if self.run_dir is not None:
