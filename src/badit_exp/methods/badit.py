@@ -32,7 +32,7 @@ from badit_exp.methods.dog_solver import (SOLVERS, objective, objective_gram, on
 from badit_exp.methods.moe.layer import MoLoRALinear
 from badit_exp.methods.registry import register
 from badit_exp.training import distributed as D
-from badit_exp.training.engine import as_access
+from badit_exp.training.engine import as_access, copy_all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,9 +346,9 @@ class Badit(MoLoRA):
             assign = D.broadcast_tensor(grp["assign"], src=0)
             perm = grp["perm"] if assign is grp["assign"] else permutation_from_assignment(
                 assign, self.cfg.num_experts)
-            for j, (n, row) in enumerate(zip(grp["names"], grp["rows"])):
-                if row["moved"] or D.world_size() > 1:  # ranks must stay in step
-                    self._apply_permutation(n, self.layers[n], perm[j], assign[j], optimizer)
+            self._permute_layers([(n, perm[j]) for j, (n, row) in
+                                  enumerate(zip(grp["names"], grp["rows"]))
+                                  if row["moved"] or D.world_size() > 1], optimizer)
             rows += grp["rows"]
         self.regroups += 1
         # step: the optimizer step whose update first sees the new grouping (resume truncates
@@ -416,33 +416,42 @@ class Badit(MoLoRA):
             self._pending = None
             self._apply(p["solved"], optimizer, step, epoch, gradient_step=p["step"])
 
-    def _apply_permutation(self, name: str, layer: MoLoRALinear, perm: torch.Tensor,
-                           assign: torch.Tensor, optimizer) -> None:
-        r, K = layer.rank, layer.num_experts
-        A, B = layer.lora_A, layer.lora_B
-        # scale of each new slot's component (function preservation with scalar routing)
-        scale = None
+    def _permute_layers(self, moves: List[Tuple[str, torch.Tensor]], optimizer) -> None:
+        """Move every listed layer's components to their new slots (perm[j] = old component of
+        slot j): parameters with their pending gradients and Adam moments (through the engine,
+        batched), the EMA gradient buffers and the anchors; then, with the scalar router and
+        dog.preserve_function, rescale moved components by alpha_old / alpha_new (App. C)."""
+        params, dst, src = [], [], []
+        for name, perm in moves:
+            layer = self.layers[name]
+            params += [(layer.lora_A, 0, perm), (layer.lora_B, 1, perm)]
+            plain = [(layer.lora_A0, 0), (layer.lora_B0, 1)] if hasattr(layer, "lora_A0") else []
+            if name in self._ema:
+                plain.append((self._ema[name], 0))
+            for t, dim in plain:
+                dst.append(t)
+                src.append(t.index_select(dim, perm))
+        optimizer.permute(params)
+        copy_all(dst, src)
         if self.cfg.router == "scalar" and self.cfg.dog.preserve_function:
-            alpha = layer.router_weight.detach().float()
-            old_exp = perm.div(r, rounding_mode="floor")  # expert each moved component came from
-            new_exp = torch.arange(perm.numel(), device=perm.device).div(r, rounding_mode="floor")
-            a_new = alpha[new_exp]
-            ok = a_new.abs() > 1e-8
-            scale = torch.where(ok, alpha[old_exp] / torch.where(ok, a_new, torch.ones_like(a_new)),
-                                torch.ones_like(a_new))
-        for p, dim in ((A, 0), (B, 1)):  # param, pending grad, fp32 master, Adam moments
-            optimizer.transform(p, lambda t, dim=dim: t.index_select(dim, perm))
-        if name in self._ema:
-            self._ema[name].copy_(self._ema[name].index_select(0, perm))
-        if hasattr(layer, "lora_A0"):  # the anchor moves with its components
-            layer.lora_A0.copy_(layer.lora_A0.index_select(0, perm))
-            layer.lora_B0.copy_(layer.lora_B0.index_select(1, perm))
-        if scale is not None:
-            # B' = c B  =>  dL/dB' = dL/dB / c, Adam moments m/c and v/c^2: the next step on
-            # the rescaled parameter is the rescaled step
-            optimizer.transform(B, lambda t: t * scale.to(t.dtype), grad_fn=lambda g: g / scale,
-                                moment_fns={"exp_avg": lambda m: m / scale,
-                                            "exp_avg_sq": lambda v: v / scale ** 2})
+            for name, perm in moves:
+                self._rescale(self.layers[name], perm, optimizer)
+
+    def _rescale(self, layer: MoLoRALinear, perm: torch.Tensor, optimizer) -> None:
+        r = layer.rank
+        alpha = layer.router_weight.detach().float()
+        old_exp = perm.div(r, rounding_mode="floor")  # expert each moved component came from
+        new_exp = torch.arange(perm.numel(), device=perm.device).div(r, rounding_mode="floor")
+        a_new = alpha[new_exp]
+        ok = a_new.abs() > 1e-8
+        scale = torch.where(ok, alpha[old_exp] / torch.where(ok, a_new, torch.ones_like(a_new)),
+                            torch.ones_like(a_new))
+        # B' = c B  =>  dL/dB' = dL/dB / c, Adam moments m/c and v/c^2: the next step on the
+        # rescaled parameter is the rescaled step
+        optimizer.transform(layer.lora_B, lambda t: t * scale.to(t.dtype),
+                            grad_fn=lambda g: g / scale,
+                            moment_fns={"exp_avg": lambda m: m / scale,
+                                        "exp_avg_sq": lambda v: v / scale ** 2})
 
     # -- checkpoints: the EMA gradient buffers resume with the run -------------------------------
     _ROW_KEYS = ["objective_before", "objective_kmeans_start", "objective_after", "moved",

@@ -99,8 +99,33 @@ class OptimizerAccess:
                 state[k].copy_(moment_fns[k](state[k]))
 
     @torch.no_grad()
+    def permute(self, items: List[Tuple[torch.nn.Parameter, int, torch.Tensor]]) -> None:
+        """For each (p, dim, index): p, its pending grad and Adam moments <- index_select(dim,
+        index), all in one batched copy (a DOG regroup moves 2 tensors x 4 states per layer;
+        one launch per tensor would dominate its cost on a GPU)."""
+        dst, src = [], []
+        for p, dim, idx in items:
+            state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+            for t in (p.data, p.grad, *[state.get(k) for k in MOMENTS]):
+                if t is not None:
+                    dst.append(t)
+                    src.append(t.index_select(dim, idx))
+        copy_all(dst, src)
+
+    @torch.no_grad()
     def set_param(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
         p.data.copy_(value)
+
+
+def copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    """dst[i] <- src[i] for all i, batched where torch can."""
+    if not dst:
+        return
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
 
 
 def as_access(obj) -> OptimizerAccess:
@@ -258,6 +283,11 @@ class DeepSpeedEngine(Engine):
             for k in MOMENTS:
                 safe_set_full_optimizer_state(
                     p, moment_fns[k](safe_get_full_optimizer_state(p, k)), k)
+
+    def permute(self, items) -> None:
+        """ZeRO partitions the masters and moments: one full-tensor rewrite per parameter."""
+        for p, dim, idx in items:
+            self.transform(p, lambda t, dim=dim, idx=idx: t.index_select(dim, idx.to(t.device)))
 
     @torch.no_grad()
     def set_param(self, p, value) -> None:
