@@ -119,7 +119,8 @@ def _over(root: Path, dist: str, extra=(), method: str = "badit", backend: str =
 def _launch(tmp_path: Path, name: str, dist: str, crash_at: int = 0, extra=(),
             method: str = "badit", nproc: int = 2, backend: str = "gloo"):
     out, run_dir = tmp_path / name / "dump", tmp_path / name / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+               [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "SUPERNI_ROOT": str(SUPERNI), "BADIT_CACHE_DIR": str(CACHE)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(D._free_port()), str(REPO / "tests" / "dist_worker.py"),
