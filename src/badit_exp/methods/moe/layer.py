@@ -143,7 +143,7 @@ class MoLoRALinear(nn.Module):
         if self.router_type == "scalar":
             return self.router_weight.float().unsqueeze(0).expand(x.shape[0], -1)
         if self.router_type == "token":
-            return self._topk(F.linear(x.float(), self.router_weight))
+            return self._topk(F.linear(x.float(), self.router_weight.float()))
         if self.ctx.reuse and self._cached_gates is not None:
             return self._cached_gates
         m = self.ctx.prompt_mask if self.router_pool == "prompt" else self.ctx.sequence_mask
@@ -152,7 +152,7 @@ class MoLoRALinear(nn.Module):
         else:
             m = m.to(x.device, torch.float32).unsqueeze(-1)
             pooled = (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
-        g = self._topk(F.linear(pooled, self.router_weight))
+        g = self._topk(F.linear(pooled, self.router_weight.float()))
         self._cached_gates = g.detach()
         return g
 
@@ -169,10 +169,13 @@ class MoLoRALinear(nn.Module):
             gr = gr.unsqueeze(1)
         xd = self.dropout(x).to(self.lora_A.dtype)
         if self.function_preserving == "anchor":  # [A; A0] and [B, -B0]: one matmul each
-            h = F.linear(xd, torch.cat([self.lora_A, self.lora_A0])) * gr.repeat(
-                *([1] * (gr.dim() - 1)), 2)
-            return y + (self.scaling * F.linear(h, torch.cat([self.lora_B, -self.lora_B0], 1))).to(y.dtype)
-        h = F.linear(xd, self.lora_A) * gr
+            h = F.linear(xd, torch.cat([self.lora_A, self.lora_A0.to(xd.dtype)]))
+            h = h * gr.repeat(*([1] * (gr.dim() - 1)), 2).to(h.dtype)
+            return y + (self.scaling * F.linear(
+                h, torch.cat([self.lora_B, -self.lora_B0.to(h.dtype)], 1))).to(y.dtype)
+        # gates are float32; under DeepSpeed bf16 the experts are bf16: keep h in their dtype
+        h = F.linear(xd, self.lora_A)
+        h = h * gr.to(h.dtype)
         return y + (self.scaling * F.linear(h, self.lora_B)).to(y.dtype)
 
     def _record(self, g: torch.Tensor) -> None:
