@@ -99,8 +99,8 @@ def _gainlora_run(tmp_path, monkeypatch):
     seen = {}
     orig = runner_mod.Runner.build_model
 
-    def spy(self):
-        model, method = orig(self)
+    def spy(self, **kw):
+        model, method = orig(self, **kw)
         seen["model"], seen["method"] = model, method
         return model, method
 

@@ -134,3 +134,40 @@ def test_makefile_targets_compose(target, scale, ngpus):
         assert cfg.distributed.name == ("zero2" if ngpus > 1 else "none")
         if scale == "paper":
             assert cfg.data.max_train_per_task == 1000 and cfg.trainer.epochs == 10
+
+
+def _study_run(tmp, method, seed, rouge, step0):
+    d = tmp / f"{method}-{seed}"
+    d.mkdir(parents=True)
+    cfg = {"data": {"max_train_per_task": 8, "max_eval_per_task": 5, "max_seq_len": 256},
+           "trainer": {"epochs": 2, "lr": 2e-4, "per_device_batch_size": 2}, "seed": seed,
+           "method": {"name": method}}
+    m = {"mode": "mixed", "model": "smollm2-135m", "method": method, "seed": seed, "config": cfg,
+         "rouge": rouge, "tasks": ["a", "b"],
+         "target_loss": {"pretrained": 3.0, "step0": step0, "final": 2.0, "examples": 16},
+         "timing": {"mixed": {"train_s": 60.0, "eval_s": 30.0}},
+         "provenance": {"device": {"type": "cpu", "name": "x86_64", "threads": 2},
+                        "git_commit": "abc"}}
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+def test_study_table_per_seed_losses_and_spread(tmp_path):
+    for seed, (a, b, c) in enumerate([(20.0, 21.0, 10.0), (22.0, 21.5, 12.0)], start=1):
+        _study_run(tmp_path, "lora", seed, a, 3.0)
+        _study_run(tmp_path, "badit", seed, b, 3.0)
+        _study_run(tmp_path, "badit_reference", seed, c, 15.0)
+    out = tmp_path / "out"
+    assert report.main(["--study", str(tmp_path), "--out", str(out), "--name", "st"]) == 0
+    data = json.loads((out / "st.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert [r["method"] for r in data["rows"]] == ["lora", "badit_reference", "badit"]
+    assert rows["lora"]["rouge"] == 21.0 and rows["lora"]["rouge_per_seed"] == [20.0, 22.0]
+    assert rows["lora"]["rouge_std"] == pytest.approx(2 ** 0.5)
+    # badit: +0.25 against a spread of sqrt(2) + 0.35: no measurable difference
+    assert rows["badit"]["vs_reference"]["measurable"] is False
+    assert rows["badit_reference"]["vs_reference"]["measurable"] is True  # -10 vs 2.8
+    assert rows["badit_reference"]["loss_step0"] == 15.0 and rows["lora"]["loss_final"] == 2.0
+    assert rows["lora"]["wall_s"] == 90.0
+    md = (out / "st.md").read_text()
+    assert "within seed spread" in md and "(measurable)" in md and "2 epochs" in md
+    assert data["setting"]["total_wall_min"] == pytest.approx(6 * 1.5)

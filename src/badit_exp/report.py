@@ -222,23 +222,61 @@ def study(runs: List[Dict], reference: str = "lora") -> List[Dict]:
         if ref is not None and r is not ref and r["rouge"] is not None and ref["rouge"] is not None:
             d = r["rouge"] - ref["rouge"]
             spread = (r["rouge_std"] or 0.0) + (ref["rouge_std"] or 0.0)
+            enough = len(r["seeds"]) > 1 and len(ref["seeds"]) > 1
             r["vs_reference"] = {"method": reference, "diff": d, "spread": spread,
-                                 "measurable": abs(d) > spread}
-    return out
+                                 "measurable": (abs(d) > spread) if enough else None}
+    order = {m: i for i, m in enumerate(STUDY_ORDER)}
+    return sorted(out, key=lambda r: (order.get(r["method"], len(order)), r["method"], r["variant"]))
 
 
-def study_markdown(rows: List[Dict]) -> str:
+STUDY_ORDER = ["untrained", "lora", "loramoe", "badit_reference", "badit_paper", "badit",
+               "badit_anchor", "badit_wo_dog", "badit_wo_bad"]
+
+
+def study_setting(runs: List[Dict]) -> Dict:
+    """The budget and machine the study's runs share (from the first run)."""
+    r = runs[0]
+    c, prov = r["config"], r.get("provenance", {})
+    d, t = c.get("data", {}), c.get("trainer", {})
+    return {"model": r["model"], "mode": r["mode"], "tasks": len(r.get("tasks", [])),
+            "train_per_task": d.get("max_train_per_task"), "eval_per_task": d.get("max_eval_per_task"),
+            "max_seq_len": d.get("max_seq_len"), "epochs": t.get("epochs"),
+            "global_batch": global_batch(r), "lr": t.get("lr"),
+            "device": prov.get("device"), "git_commit": prov.get("git_commit"),
+            "total_wall_min": sum(sum(x.get("train_s", 0.0) + x.get("eval_s", 0.0)
+                                      for x in q["timing"].values()) for q in runs) / 60}
+
+
+def _device(d: Optional[Dict]) -> str:
+    if not d:
+        return "?"
+    if d.get("type") == "cpu":
+        return f"CPU ({d.get('name')}, {d.get('threads')} threads)"
+    return f"{d.get('name')} x {d.get('count', 1)}"
+
+
+def study_markdown(rows: List[Dict], setting: Optional[Dict] = None) -> str:
     def f(x, nd=2):
         return "–" if x is None else f"{x:.{nd}f}"
 
     head = ["method", "ROUGE-L (mean ± std)", "per seed", "Δ vs " + next(
         (r["vs_reference"]["method"] for r in rows if r["vs_reference"]), "ref"),
             "target loss: pre-trained / step 0 / final", "wall (min)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
+    if setting:
+        lines += [f"{setting['model']}, {setting['mode']}, {setting['tasks']} tasks x "
+                  f"{setting['train_per_task']} training examples, {setting['epochs']} epochs, "
+                  f"global batch {setting['global_batch']}, lr {setting['lr']}, "
+                  f"{setting['eval_per_task']} test examples per task, prompts <= "
+                  f"{setting['max_seq_len']} tokens; device {_device(setting['device'])}; "
+                  f"{setting['total_wall_min']:.0f} min of training + evaluation in all; "
+                  f"commit {str(setting['git_commit'])[:10]}.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         v = r["vs_reference"]
-        vs = "–" if v is None else (f"{v['diff']:+.2f} " + ("(measurable)" if v["measurable"]
-                                                             else "(within seed spread)"))
+        vs = "–" if v is None else (f"{v['diff']:+.2f} " + (
+            "(one seed: spread unknown)" if v["measurable"] is None else
+            "(measurable)" if v["measurable"] else "(within seed spread)"))
         name = r["method"] + (f" [{r['variant']}]" if r["variant"] else "")
         lines.append("| " + " | ".join([
             name, f"{f(r['rouge'])} ± {f(r['rouge_std'])}",
@@ -280,9 +318,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if a.study:
         rows = study(runs, a.reference)
-        md = study_markdown(rows)
+        setting = study_setting(runs)
+        md = study_markdown(rows, setting)
         (out / f"{a.name}.md").write_text(md)
-        (out / f"{a.name}.json").write_text(json.dumps(rows, indent=2))
+        (out / f"{a.name}.json").write_text(json.dumps({"setting": setting, "rows": rows},
+                                                       indent=2))
         print(md)
         print(f"written: {out}/{a.name}.md, {a.name}.json")
         return 0

@@ -230,7 +230,10 @@ class Badit(MoLoRA):
         d.update(init=self.cfg.init, dog=dict(dog.__dict__),
                  dog_variant=("function-preserving rescale (scalar router)"
                               if self.cfg.router == "scalar" and dog.preserve_function else
-                              "plain permutation (router output changes)"))
+                              "plain permutation (router output changes)"),
+                 dog_timing={"on": "overlapped: solved during the next step, applied before its update",
+                             "off": "synchronous: before this step's update",
+                             "auto": "overlapped on a GPU, synchronous on a CPU"}[dog.overlap])
         return d
 
     # -- when ---------------------------------------------------------------------------------

@@ -182,6 +182,7 @@ class MoLoRALinear(nn.Module):
         if self.ctx.reuse and self.router_type == "sequence":
             return  # decoding steps reuse the prefill gates: count each sequence once
         g = g.detach().double().cpu()
+        g = g / g.sum(-1, keepdim=True).clamp_min(1e-12)  # routing shares (scaled/scalar gates)
         if g.dim() == 3:
             g = g.reshape(-1, g.shape[-1])
         self.stats_sum += g.sum(0)
