@@ -54,7 +54,7 @@ def test_search_solver_is_at_least_10x_faster_than_sklearn_layer_by_layer():
     K, layers = 8, 8
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    grads, _ = planted(layers, K, 4, 4096, 4.0, seed=2)
+    grads, _ = planted(layers, K, 4, 16384, 4.0, seed=2)  # the D
     u = unit(grads)
     ours = float("inf")
     for _ in range(3):  # best of 3: a busy machine should not decide the ratio
