@@ -64,7 +64,6 @@ def regroup_bench(device: str, layers: int, d_in: int, d_out: int, repeats: int,
         m = Badit(cfg)
         m.layers = {f"model.layers.{i}.mlp.gate_proj": _Experts(d_in, d_out, K, r, dev)
                     for i in range(layers)}
-        m._ema, m.regroups, m._pending, m._pool = {}, 0, None, None
         params = [p for l in m.layers.values() for p in (l.lora_A, l.lora_B)]
         opt = torch.optim.AdamW(params, lr=1e-4)
 

@@ -27,8 +27,7 @@ import torch
 
 from badit_exp.config import ConfigError
 from badit_exp.methods.moe import MoLoRA, MoLoRAConfig
-from badit_exp.methods.dog_solver import (SOLVERS, objective, objective_gram, onehot,
-                                          paper_assign, search_assign, unit)
+from badit_exp.methods.dog_solver import SOLVERS, objective, objective_gram, onehot, solve, unit
 from badit_exp.methods.moe.layer import MoLoRALinear
 from badit_exp.methods.registry import register
 from badit_exp.training import distributed as D
@@ -66,9 +65,6 @@ def bad_init(layer: MoLoRALinear, name: str = "?", residual: bool = True) -> Non
 # DOG: the balanced grouping (solvers in dog_solver.py)
 # ---------------------------------------------------------------------------------------------
 
-_unit = unit
-
-
 def dog_objective(u: torch.Tensor, assign: torch.Tensor, K: int) -> torch.Tensor:
     """sum_k || sum_{i in expert k} g_i ||^2 per layer (unit gradients). -> (L,)"""
     return objective(u, assign, K)
@@ -96,18 +92,13 @@ def dog_assign(grads: torch.Tensor, num_experts: int, max_iters: int = 10,
     """
     if grads.dim() != 3:
         raise ValueError(f"grads must be (layers, r*K, D), got shape {tuple(grads.shape)}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r}; choose one of {SOLVERS}")
     L, n, _ = grads.shape
     K = num_experts
     if n % K:
         raise ValueError(f"r*K = {n} components is not divisible by num_experts = {K}")
     u = unit(grads.float())
     G = (u @ u.transpose(1, 2)).double()  # (L, n, n)
-    if solver == "paper":
-        assign, final, start = paper_assign(G.cpu(), K, max_iters=max_iters)
-    else:
-        assign, final, start = search_assign(G, K)
+    assign, final, start = solve(G, K, solver, max_iters)
     assign = assign.to(grads.device)
     if return_info:
         current = (torch.arange(n, device=G.device) // (n // K)).expand(L, n).contiguous()
@@ -143,7 +134,7 @@ def group_angles(u: torch.Tensor, assign: torch.Tensor, K: int) -> Tuple[torch.T
     intra = torch.rad2deg(torch.acos(cos))
     intra = (intra * (same & off)).sum((1, 2)) / (same & off).sum((1, 2)).clamp_min(1)
     onehot = torch.nn.functional.one_hot(assign, K).to(u.dtype)
-    c = _unit(onehot.transpose(1, 2) @ u)
+    c = unit(onehot.transpose(1, 2) @ u)
     ccos = (c @ c.transpose(1, 2)).clamp(-1, 1)
     offk = ~torch.eye(K, dtype=torch.bool, device=u.device)
     inter = torch.rad2deg(torch.acos(ccos))[:, offk].mean(-1)
@@ -210,6 +201,20 @@ class BaditConfig(MoLoRAConfig):
 class Badit(MoLoRA):
     """K SVD-initialised LoRA experts (BAD) regrouped by gradient direction (DOG)."""
 
+    # per-layer numbers of a regroup, in dog_log.jsonl and in a checkpointed pending regroup
+    # ("objective_kmeans_start": the solver's best start, a name kept for existing logs)
+    _ROW_KEYS = ["objective_before", "objective_kmeans_start", "objective_after", "moved",
+                 "intra_angle_before", "inter_angle_before", "intra_angle_after",
+                 "inter_angle_after"]
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._ema: Dict[str, torch.Tensor] = {}  # dog.grad_source=ema buffers, per layer
+        self.regroups = 0
+        self._pending: Optional[Dict] = None  # an overlapped regroup waiting for its step
+        self._pool = None  # the worker thread and, on a GPU, its side stream (made on first use)
+        self._side_stream = None
+
     def apply(self, model):
         model = super().apply(model)
         if self.cfg.init == "bad":
@@ -218,10 +223,6 @@ class Badit(MoLoRA):
                 bad_init(layer, name, residual=not anchored)
                 if anchored:
                     layer.anchor()
-        self._ema: Dict[str, torch.Tensor] = {}
-        self.regroups = 0
-        self._pending: Optional[Dict] = None  # an overlapped regroup waiting for its step
-        self._pool = None
         return model
 
     def describe(self):
@@ -318,21 +319,14 @@ class Badit(MoLoRA):
         for names, G in plan:
             L, n, _ = G.shape
             cur = (torch.arange(n, device=G.device) // (n // K)).expand(L, n).contiguous()
-            if self.cfg.dog.solver == "paper":
-                assign, final, start = paper_assign(G.cpu(), K, max_iters=self.cfg.dog.max_iters)
-                assign = assign.to(G.device)
-            else:
-                assign, final, start = search_assign(G, K)
+            assign, final, start = solve(G, K, self.cfg.dog.solver, self.cfg.dog.max_iters)
             perm = permutation_from_assignment(assign, K)
             intra0, inter0 = gram_angles(G, cur, K)
             intra1, inter1 = gram_angles(G, assign, K)
             stats = torch.stack([objective_gram(G, cur, K), start, final,
                                  (assign != cur).sum(-1).to(G.dtype), intra0, inter0, intra1,
                                  inter1], 1).cpu().tolist()
-            keys = ["objective_before", "objective_kmeans_start", "objective_after", "moved",
-                    "intra_angle_before", "inter_angle_before", "intra_angle_after",
-                    "inter_angle_after"]
-            rows = [{"layer": nm, **dict(zip(keys, st))} for nm, st in zip(names, stats)]
+            rows = [{"layer": nm, **dict(zip(self._ROW_KEYS, st))} for nm, st in zip(names, stats)]
             for r in rows:
                 r["moved"] = int(r["moved"])
             out.append({"names": names, "assign": assign, "perm": perm, "rows": rows})
@@ -388,8 +382,9 @@ class Badit(MoLoRA):
             ready.record()  # the Gram matrices are computed on the current stream
 
             def work():
-                side = self._side_stream = getattr(self, "_side_stream", None) or \
-                    torch.cuda.Stream(device=dev)
+                if self._side_stream is None:
+                    self._side_stream = torch.cuda.Stream(device=dev)
+                side = self._side_stream
                 with torch.cuda.stream(side):
                     side.wait_event(ready)
                     solved = self._solve(plan)  # syncs only this stream (diagnostic numbers)
@@ -456,11 +451,7 @@ class Badit(MoLoRA):
                             moment_fns={"exp_avg": lambda m: m / scale,
                                         "exp_avg_sq": lambda v: v / scale ** 2})
 
-    # -- checkpoints: the EMA gradient buffers resume with the run -------------------------------
-    _ROW_KEYS = ["objective_before", "objective_kmeans_start", "objective_after", "moved",
-                 "intra_angle_before", "inter_angle_before", "intra_angle_after",
-                 "inter_angle_after"]
-
+    # -- checkpoints: EMA gradient buffers and a solved-but-not-applied regroup -----------------
     def state_dict(self, model):
         state = super().state_dict(model)
         for name, g in self._ema.items():

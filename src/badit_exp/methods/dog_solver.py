@@ -215,6 +215,18 @@ def paper_assign(G: torch.Tensor, K: int, max_iters: int = 10, kmeans_iters: int
     return best[rows], best_obj[rows], start_obj.view(L, n_init).max(-1).values
 
 
+def solve(G: torch.Tensor, K: int, solver: str = "search", max_iters: int = 10
+          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Either solver on Gram matrices G (L, n, n) float64. -> (assign (L, n) on G's device,
+    final objective (L,), best start's objective (L,))."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r}; choose one of {SOLVERS}")
+    if solver == "paper":
+        assign, final, start = paper_assign(G.cpu(), K, max_iters=max_iters)
+        return assign.to(G.device), final.to(G.device), start.to(G.device)
+    return search_assign(G, K)
+
+
 # ---------------------------------------------------------------------------------------------
 # planted problems and the K-means reference (tests, benchmark)
 # ---------------------------------------------------------------------------------------------

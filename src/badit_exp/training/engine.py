@@ -118,14 +118,9 @@ class OptimizerAccess:
 
 
 def copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
-    """dst[i] <- src[i] for all i, batched where torch can."""
-    if not dst:
-        return
-    if hasattr(torch, "_foreach_copy_"):
+    """dst[i] <- src[i] for all i, in one batched (multi-tensor) copy."""
+    if dst:
         torch._foreach_copy_(dst, src)
-    else:
-        for d, s in zip(dst, src):
-            d.copy_(s)
 
 
 def as_access(obj) -> OptimizerAccess:

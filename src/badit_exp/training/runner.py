@@ -21,6 +21,7 @@ finished stage, and from the last in-stage checkpoint if there is one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -229,7 +230,7 @@ class Runner:
         was_training = model.training
         model.eval()
         amp = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
-               if self.autocast_dtype is not None else torch.autocast("cpu", enabled=False))
+               if self.autocast_dtype is not None else contextlib.nullcontext())
         total, count = 0.0, 0
         bs = self.cfg.trainer.per_device_batch_size
         for i in range(0, len(examples), bs):
