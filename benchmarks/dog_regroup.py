@@ -32,8 +32,13 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from badit_exp import provenance  # noqa: E402
 from badit_exp.methods.badit import Badit, BaditConfig, DOGConfig  # noqa: E402
-from badit_exp.methods.dog_solver import (compare_on_planted, kmeans_reference, planted,  # noqa: E402
-                                          search_assign, unit)
+from badit_exp.methods.dog_solver import (  # noqa: E402
+    compare_on_planted,
+    kmeans_reference,
+    planted,
+    search_assign,
+    unit,
+)
 
 
 class _Experts(nn.Module):
@@ -67,7 +72,7 @@ def regroup_bench(device: str, layers: int, d_in: int, d_out: int, repeats: int,
         params = [p for l in m.layers.values() for p in (l.lora_A, l.lora_B)]
         opt = torch.optim.AdamW(params, lr=1e-4)
 
-        def fresh_grads():
+        def fresh_grads(params=params):
             for p in params:
                 p.grad = torch.randn_like(p)
 

@@ -5,7 +5,8 @@
 
 Every configuration trains the same model on the same batches with the same seed; rounds
 interleave the configurations so drifts in machine speed hit all of them alike. A step is
-forward + backward + the method's hooks + AdamW step, exactly as the training loop runs it.
+the training loop's own ``StageTrainer.train_step``: forward, backward, the method's hooks,
+clipping, AdamW and the schedule.
 ``badit`` runs DOG at its default schedule (end of an epoch of ``--steps-per-epoch`` steps,
 first half of the epochs; its cost is amortised over the epoch, so the mean is reported), and
 ``badit_dog_every_step`` regroups after every backward pass (Algorithm 1).
@@ -30,12 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from badit_exp import provenance  # noqa: E402
-from badit_exp.config import register_configs, validate  # noqa: E402
+from badit_exp.compose import load  # noqa: E402
 from badit_exp.data import load_task  # noqa: E402
 from badit_exp.data.prompts import collate_train, tokenize_task  # noqa: E402
 from badit_exp.methods import registry  # noqa: E402
 from badit_exp.methods.badit import dog_assign, dog_objective  # noqa: E402
 from badit_exp.models import load_model_and_tokenizer  # noqa: E402
+from badit_exp.training import engine as E  # noqa: E402
+from badit_exp.training.loop import StageTrainer  # noqa: E402
 
 CONFIGS = {
     "lora": ["method=lora"],
@@ -51,24 +54,26 @@ CONFIGS = {
 }
 
 
-def compose(overrides):
-    from hydra import compose as hcompose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return validate(hcompose(config_name="config", overrides=overrides))
-
-
-def build(name, model_name, cache, device, extra=()):
-    cfg = compose([f"model={model_name}", *CONFIGS[name], *extra])
+def build(name, model_name, cache, device, steps_per_epoch, batch_size, extra=()):
+    """The model, its method and the training loop's own :class:`StageTrainer` (one process),
+    whose ``train_step`` the benchmark times: the real step, clipping and every hook included."""
+    cfg = load([f"model={model_name}", *CONFIGS[name], *extra])
     torch.manual_seed(0)
     base, tok = load_model_and_tokenizer(cfg.model, cache, device)
     method = registry.build(cfg.method)
     model = method.apply(base)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    return {"model": model, "method": method, "opt": opt, "tok": tok, "step": 0}
+    t = cfg.trainer
+    optim = E.Optim(lr=t.lr, weight_decay=t.weight_decay, lr_scheduler=t.lr_scheduler,
+                    warmup_ratio=t.warmup_ratio, grad_accum_steps=1,
+                    max_grad_norm=t.max_grad_norm)
+    examples = [{}] * (steps_per_epoch * batch_size)  # only the schedule's length is read
+    trainer = StageTrainer(
+        model, method, examples, epochs=10, batch_size=batch_size, grad_accum_steps=1, seed=1,
+        stage_index=0, stage_name="bench", pad_id=tok.pad_token_id, device=device,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        make_engine=lambda n: E.build_engine(model, "none", optim, n, device=device))
+    trainer.setup()
+    return {"model": model, "method": method, "trainer": trainer, "tok": tok}
 
 
 def batches(tok, root, n, bs, seq):
@@ -85,26 +90,22 @@ def batches(tok, root, n, bs, seq):
 
 
 def train_step(run, batch, steps_per_epoch, device):
-    model, method, opt = run["model"], run["method"], run["opt"]
+    """One optimizer step of the training loop (``StageTrainer.train_step``), timed."""
+    trainer = run["trainer"]
+    s = trainer.pos.step
     t0 = time.perf_counter()
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "task_index"}
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = model(**inputs).loss
-    loss.backward()
-    s = run["step"]
-    method.after_backward(model, opt, step=s, epoch=(s // steps_per_epoch) % 10, num_epochs=10,
-                          last_of_epoch=(s + 1) % steps_per_epoch == 0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    trainer.train_step([inputs], epoch=(s // steps_per_epoch) % 10,
+                       last_of_epoch=(s + 1) % steps_per_epoch == 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    run["step"] += 1
+    trainer.pos.step += 1
     return time.perf_counter() - t0
 
 
 def dog_cost(run, batch, device, repeats=5):
     """Time of one regroup over all layers (gradients from a real backward pass)."""
-    model, method, opt = run["model"], run["method"], run["opt"]
+    model, method, opt = run["model"], run["method"], run["trainer"].engine
     inputs = {k: v.to(device) for k, v in batch.items() if k != "task_index"}
     model(**inputs).loss.backward()
     times = []
@@ -115,7 +116,7 @@ def dog_cost(run, batch, device, repeats=5):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     grads = torch.stack([method.component_grads(n, l) for n, l in method.layers.items()])
-    opt.zero_grad(set_to_none=True)
+    opt.optimizer.zero_grad(set_to_none=True)
     return statistics.median(times), grads
 
 
@@ -179,12 +180,12 @@ def main():
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "superni"))
     p.add_argument("--cache", default=str(REPO / ".cache" / "badit_exp"))
     a = p.parse_args()
-    register_configs()
     device = torch.device(a.device)
-    runs = {n: build(n, a.model, Path(a.cache), device, a.override) for n in CONFIGS}
+    runs = {n: build(n, a.model, Path(a.cache), device, a.steps_per_epoch, a.batch_size,
+                     a.override) for n in CONFIGS}
     data = batches(runs["lora"]["tok"], Path(a.data), a.steps + a.warmup, a.batch_size, a.seq_len)
     times = {n: [] for n in CONFIGS}
-    for rnd in range(a.rounds):
+    for _ in range(a.rounds):
         for n, run in runs.items():
             for k, b in enumerate(data):
                 dt = train_step(run, b, a.steps_per_epoch, device)

@@ -8,13 +8,10 @@ from typing import List
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from badit_exp.config import register_configs, validate
+from badit_exp.compose import CONF_DIR, compose, register_configs, validate  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = str(REPO / "conf")
 SUPERNI = Path(os.environ.get("SUPERNI_ROOT", REPO.parent / "shared" / "data" / "superni")).resolve()
 CACHE = Path(os.environ.get("BADIT_CACHE_DIR", REPO / ".cache" / "badit_exp")).resolve()
 
@@ -48,18 +45,14 @@ def superni() -> Path:
 
 
 def compose_cfg(overrides: List[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def tiny_overrides(run_root: Path, tasks=TASKS3, extra=()) -> List[str]:
-    """A fast run: tiny-llama, few instances, short generations, lr high enough to learn."""
-    return ["model=tiny-llama", f"data.root={SUPERNI}", f"data.tasks=[{','.join(tasks)}]",
-            "data.max_train_per_task=4", "data.max_eval_per_task=2", "data.max_new_tokens=6",
-            "data.max_seq_len=256", "trainer.epochs=2", "trainer.per_device_batch_size=2",
-            "trainer.lr=5e-3", "trainer.log_every=1", "trainer.eval_batch_size=4",
-            f"paths.output_dir={run_root}", f"paths.cache_dir={CACHE}", *extra]
+    """A fast run: tiny-llama at ``scale=tiny`` (conf/scale/tiny.yaml), on ``tasks``."""
+    return ["model=tiny-llama", "scale=tiny", f"data.root={SUPERNI}",
+            f"data.tasks=[{','.join(tasks)}]", f"paths.output_dir={run_root}",
+            f"paths.cache_dir={CACHE}", *extra]
 
 
 def run_tiny(run_dir: Path, overrides: List[str]):

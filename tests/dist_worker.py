@@ -12,24 +12,19 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import save_file
 
-from badit_exp.config import register_configs, validate
+from badit_exp import dist as D
+from badit_exp.compose import load
 from badit_exp.methods.base import Method
-from badit_exp.training import distributed as D
 from badit_exp.training.runner import Runner
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def main() -> None:
     out, run_dir, crash_at, overrides = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4:]
     torch.set_num_threads(1)
-    register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = validate(compose(config_name="config", overrides=overrides))
+    cfg = load(overrides)
     if crash_at:
         calls = {"n": 0}
         orig = Method.after_optimizer_step

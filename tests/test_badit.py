@@ -6,10 +6,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from badit_exp.config import ConfigError, validate
+from badit_exp.compose import validate
+from badit_exp.config import ConfigError
 from badit_exp.methods import registry
-from badit_exp.methods.badit import (bad_init, dog_assign, dog_objective, group_angles,
-                                     permutation_from_assignment)
+from badit_exp.methods.badit import (
+    bad_init,
+    dog_assign,
+    dog_objective,
+    group_angles,
+    permutation_from_assignment,
+)
 from badit_exp.methods.moe.layer import MoLoRALinear, RoutingContext
 from badit_exp.models import load_model_and_tokenizer, resolve_device
 from conftest import CACHE, compose_cfg

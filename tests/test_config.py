@@ -1,12 +1,15 @@
 """Every model x method x training_mode composes and validates; bad values fail clearly."""
 
+
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from badit_exp.config import ConfigError, validate
+from badit_exp.compose import CONF_DIR, validate
+from badit_exp.config import ConfigError
 from conftest import REPO, compose_cfg
 
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
@@ -87,3 +90,84 @@ def test_bad_values_name_the_key(override, needle):
 def test_every_experiment_composes():
     for p in sorted((REPO / "conf" / "experiment").glob("*.yaml")):
         validate(compose_cfg([f"experiment={p.stem}"]))
+
+
+# ---------------------------------------------------------------------- one source per default
+def _schema_for(path):
+    """The dataclass whose defaults a conf YAML overrides (None: a YAML inheriting another)."""
+    import badit_exp.config as C
+    from badit_exp.methods import registry
+
+    group = path.parent.name
+    if group == "method":
+        raw = OmegaConf.load(path)
+        schema = [d for d in raw.get("defaults", []) if isinstance(d, str) and d.startswith("schema_")]
+        return registry.get(schema[0][len("schema_"):])[0] if schema else None
+    return {"trainer": C.TrainerConfig, "distributed": C.DistributedConfig,
+            "logger": C.LoggerConfig, "paths": C.PathsConfig, "model": C.ModelConfig,
+            "training_mode": C.TrainingModeConfig}.get(group)
+
+
+def _leaves(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+CONF_FILES = sorted(p for g in ("method", "trainer", "distributed", "logger", "paths", "model",
+                                "training_mode") for p in (Path(CONF_DIR) / g).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONF_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_yaml_states_only_what_differs_from_its_schema(path):
+    """Each default has one home, the schema dataclass: a YAML restating one would let the two
+    drift apart silently."""
+    cls = _schema_for(path)
+    if cls is None:
+        return
+    defaults = _leaves(OmegaConf.to_container(OmegaConf.structured(cls), throw_on_missing=False))
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    raw.pop("defaults", None)
+    same = [k for k, v in _leaves(raw).items()
+            if k not in ("name", "kind") and k in defaults and defaults[k] == v]
+    assert not same, f"{path.name} restates its schema's defaults: {same}"
+
+
+@pytest.mark.parametrize("override,key", [("+trainer.lerning_rate=1", "trainer.lerning_rate"),
+                                          ("+method.rnak=2", "method.rnak"),
+                                          ("+data.max_trian_per_task=2", "data.max_trian_per_task")])
+def test_keys_added_with_plus_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_cfg([override]))
+
+
+def test_a_plus_key_is_rejected_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "badit_exp.train", "+trainer.lerning_rate=1",
+                           f"hydra.run.dir={tmp_path}/r"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "trainer.lerning_rate is not a config key" in proc.stderr + proc.stdout
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_an_unreachable_hub_model_is_one_line_naming_hub_id(monkeypatch):
+    from transformers import AutoTokenizer
+
+    from badit_exp.models import load_tokenizer
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
+    cfg = validate(compose_cfg(["model=qwen3-8b"]))
+    with pytest.raises(ConfigError) as e:
+        load_tokenizer(cfg.model, Path("/nonexistent"))
+    msg = str(e.value)
+    assert "model.hub_id='Qwen/Qwen3-8B'" in msg and "local copy" in msg and "\n" not in msg

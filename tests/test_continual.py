@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from badit_exp.config import validate
+from badit_exp.compose import validate
 from badit_exp.methods import registry
 from badit_exp.methods.gainlora import grow_basis, projected_step, threshold
 from badit_exp.methods.o_lora import OLoraLinear

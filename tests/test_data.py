@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from badit_exp.config import SUPERNI_TASKS
+from badit_exp.compose import compose
 from badit_exp.data import DataError, load_task, resolve_task_names
-from badit_exp.data.prompts import (build_prompt, choose_reference, collate_train,
-                                    tokenize_task)
+from badit_exp.data.prompts import build_prompt, choose_reference, collate_train, tokenize_task
+
+SUPERNI_TASKS = list(compose([]).data.tasks)  # the one task list: conf/data/superni.yaml
 
 SIZES = {"task181_outcome_extraction": (338, 43), "task1572_samsum_summary": (160, 20),
          "task639_multi_woz_user_utterance_generation": (142, 18),

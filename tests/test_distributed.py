@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from badit_exp.config import ConfigError, DistributedConfig, TrainerConfig, validate
-from badit_exp.training import distributed as D
-from badit_exp.training.engine import deepspeed_config
+from badit_exp import dist as D
+from badit_exp.compose import validate
+from badit_exp.config import ConfigError, DistributedConfig, TrainerConfig
 from badit_exp.training.loop import epoch_batches
+from badit_exp.training.runner import ds_config_for as deepspeed_config
 from conftest import CACHE, REPO, SUPERNI, compose_cfg, tiny_overrides
 
 try:
@@ -48,7 +49,7 @@ def test_epoch_batches_shard_every_example_to_equal_step_counts(n, bs, world):
 
 
 def test_deepspeed_json_comes_from_trainer_and_distributed():
-    t = TrainerConfig(per_device_batch_size=2, grad_accum_steps=4, max_grad_norm=0.5)
+    t = TrainerConfig(epochs=1, per_device_batch_size=2, grad_accum_steps=4, max_grad_norm=0.5)
     d = DistributedConfig(name="zero2", deepspeed={"zero_optimization": {"overlap_comm": False},
                                                    "communication_data_type": "fp32"})
     js = deepspeed_config(t, d, world_size=8, bf16=True)

@@ -13,8 +13,14 @@ import time
 import pytest
 import torch
 
-from badit_exp.methods.dog_solver import (adjusted_rand, kmeans_reference, objective_gram,
-                                          planted, search_assign, unit)
+from badit_exp.methods.dog_solver import (
+    adjusted_rand,
+    kmeans_reference,
+    objective_gram,
+    planted,
+    search_assign,
+    unit,
+)
 
 sklearn = pytest.importorskip("sklearn")
 NOISE = [1, 2, 4, 6, 8]

@@ -25,7 +25,7 @@ def test_mixture_methods_end_to_end(tmp_path, method):
     usage = stats["stages"]["mixed"]
     assert set(usage) == set(TASKS2)
     for task in TASKS2:
-        for layer, w in usage[task].items():
+        for w in usage[task].values():
             assert len(w) == stats["num_experts"] and abs(sum(w) - 1) < 1e-4  # routing shares
     assert (d / "router_usage_mixed.png").exists()
     dog = d / "dog_log.jsonl"
@@ -81,7 +81,7 @@ def test_reference_router_is_never_trained(tmp_path):
 
     from safetensors.torch import load_file
 
-    from badit_exp.config import validate
+    from badit_exp.compose import validate
     from badit_exp.methods import registry
     from badit_exp.models import load_model_and_tokenizer, resolve_device
     from conftest import REPO, SUPERNI, compose_cfg

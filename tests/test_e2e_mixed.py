@@ -43,6 +43,12 @@ def test_same_seed_same_numbers(tmp_path):
     assert a["timing"]["mixed"]["last_loss"] == b["timing"]["mixed"]["last_loss"]
     la = (tmp_path / "a" / "adapter" / "adapter.safetensors").read_bytes()
     assert la == (tmp_path / "b" / "adapter" / "adapter.safetensors").read_bytes()
+    # a finished run started again reports its results and logs nothing new
+    log = (tmp_path / "a" / "train_log.jsonl").read_text()
+    assert sum('"cl/rouge"' in line for line in log.splitlines()) == 1
+    again = run_tiny(tmp_path / "a", tiny_overrides(tmp_path))
+    assert (tmp_path / "a" / "train_log.jsonl").read_text() == log
+    assert again["rouge"] == a["rouge"] and again["scores"] == a["scores"]
 
 
 def test_other_benchmark_root(tmp_path):

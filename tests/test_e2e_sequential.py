@@ -9,6 +9,7 @@ from badit_exp.config import ConfigError
 from badit_exp.data.superni import DataError
 from badit_exp.methods.peft_lora import PeftLora
 from badit_exp.training import runner as runner_mod
+from badit_exp.training import stages as stages_mod
 from badit_exp.training.checkpoint import CheckpointError
 from conftest import TASKS3, compose_cfg, run_tiny, tiny_overrides
 
@@ -36,26 +37,26 @@ def test_sequential_matrix_files_and_metrics(tmp_path):
 
 
 def test_random_order_is_seeded(tmp_path):
-    from badit_exp.config import validate
+    from badit_exp.compose import validate
 
-    o1 = runner_mod.task_order(validate(compose_cfg(["task_order=random", "seed=3"])))
-    o2 = runner_mod.task_order(validate(compose_cfg(["task_order=random", "seed=3"])))
-    o3 = runner_mod.task_order(validate(compose_cfg(["task_order=random", "seed=4"])))
+    o1 = stages_mod.task_order(validate(compose_cfg(["task_order=random", "seed=3"])))
+    o2 = stages_mod.task_order(validate(compose_cfg(["task_order=random", "seed=3"])))
+    o3 = stages_mod.task_order(validate(compose_cfg(["task_order=random", "seed=4"])))
     assert o1 == o2 and sorted(o1) == sorted(o3) and o1 != o3
-    assert runner_mod.task_order(validate(compose_cfg(["seed=2"])))[0] == "task1290_xsum_summarization"
+    assert stages_mod.task_order(validate(compose_cfg(["seed=2"])))[0] == "task1290_xsum_summarization"
 
 
 @pytest.mark.parametrize("order,err", [("[363,875]", ConfigError), ("[363,875,875]", DataError),
                                        ("[363,875,999]", DataError)])
 def test_bad_custom_orders(tmp_path, order, err):
-    from badit_exp.config import validate
+    from badit_exp.compose import validate
 
     cfg = validate(compose_cfg(tiny_overrides(tmp_path, extra=[
         "training_mode=sequential", "task_order=custom", f"task_order.order={order}",
         "data.tasks=[task363_sst2_polarity_classification,task875_emotion_classification,"
         "task073_commonsenseqa_answer_generation]"])))
     with pytest.raises(err):
-        runner_mod.plan_stages(cfg)
+        stages_mod.plan_stages(cfg)
 
 
 def test_single_then_sequential_gives_forward(tmp_path):
@@ -81,7 +82,6 @@ def test_resume_after_crash_between_tasks_equals_uninterrupted(tmp_path, monkeyp
     over = tiny_overrides(tmp_path, extra=SEQ + ["method.dropout=0.1"])
     ref = run_tiny(tmp_path / "ref", over)
 
-    calls = {"n": 0}
     orig = runner_mod.Runner.evaluate
 
     def crashing_evaluate(self, model, method, i, stage, final, **kw):

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from badit_exp.config import validate
+from badit_exp.compose import validate
 from badit_exp.training.logger import RunLogger
 from conftest import compose_cfg
 

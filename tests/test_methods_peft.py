@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from badit_exp.config import validate
+from badit_exp.compose import validate
 from badit_exp.methods import registry
 from badit_exp.models import load_model_and_tokenizer, resolve_device
 from conftest import CACHE, compose_cfg

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from badit_exp.config import validate
+from badit_exp.compose import validate
 from badit_exp.models import load_model_and_tokenizer, resolve_device, smollm2_cached
 from conftest import CACHE, compose_cfg
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from badit_exp.config import validate
+from badit_exp.compose import validate
 from badit_exp.methods import registry
 from badit_exp.methods.moe import balance_loss
 from badit_exp.methods.moe.layer import MoLoRALinear, RoutingContext

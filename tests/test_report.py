@@ -1,7 +1,6 @@
 """`python -m badit_exp.report`: grouping, mean/std by hand, never averaging different configs;
 Hydra multirun sweeps over seeds."""
 
-import copy
 import json
 import subprocess
 import sys
@@ -9,14 +8,15 @@ import sys
 import pytest
 
 from badit_exp import report
-from badit_exp.config import validate
+from badit_exp.compose import validate
 from conftest import CACHE, REPO, SUPERNI, TASKS3, compose_cfg
 
 
 def _fake(tmp, name, seed, rouge, forget, cfg_extra=None, model="qwen3-8b", mode="sequential"):
     cfg = {"data": {"max_train_per_task": 1000, "max_eval_per_task": 100, "max_seq_len": 1024,
                     "max_new_tokens": 50, "tasks": [f"t{i}" for i in range(15)]},
-           "trainer": {"epochs": 10, "lr": 2e-4}, "seed": seed, "run_name": name,
+           "trainer": {"epochs": 10, "per_device_batch_size": 1, "lr": 2e-4}, "seed": seed,
+           "run_name": name, "scale": {"name": "paper"},
            "method": {"name": "badit"}, "task_order": {"name": f"order{seed}"}}
     if cfg_extra:
         cfg["trainer"].update(cfg_extra)
@@ -130,7 +130,7 @@ def test_makefile_targets_compose(target, scale, ngpus):
                  if "=" in a and "," in a.split("=", 1)[1] and not a.split("=", 1)[1].startswith("[")
                  else a for a in args]
         cfg = validate(compose_cfg([a for a in first if not a.startswith("hydra.")]))
-        assert cfg.model.name == "smollm2-135m"
+        assert cfg.model.name == "smollm2-135m" and cfg.scale.name == scale
         assert cfg.distributed.name == ("zero2" if ngpus > 1 else "none")
         if scale == "paper":
             assert cfg.data.max_train_per_task == 1000 and cfg.trainer.epochs == 10

@@ -15,10 +15,12 @@ Pure, streaming building blocks (tested on hand-built modules) used by
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from badit_exp.data.prompts import collate_train
 
 
 def default_layers(num_layers: int) -> List[int]:
@@ -131,8 +133,6 @@ def sign_counts(mean_grads: np.ndarray) -> Dict[str, np.ndarray]:
 
 
 def iterate_examples(examples: Iterable[Dict], pad_id: int, batch_size: int):
-    from badit_exp.data.prompts import collate_train
-
     ex = list(examples)
     for i in range(0, len(ex), batch_size):
         yield collate_train(ex[i: i + batch_size], pad_id)

@@ -22,13 +22,16 @@ from tqdm.auto import tqdm
 
 from badit_exp import analysis as A
 from badit_exp import provenance
-from badit_exp.config import AnalyzeConfig, ConfigError, register_configs
+from badit_exp.compose import CONF_DIR, register_configs
+from badit_exp.config import AnalyzeConfig, ConfigError
 from badit_exp.data import load_task
 from badit_exp.data.prompts import collate_eval, tokenize_task
+from badit_exp.data.superni import DataError
 from badit_exp.io_utils import atomic_write_json
 from badit_exp.models import load_model_and_tokenizer, resolve_device
+from badit_exp.plotting import router_usage
+from badit_exp.training.export import load_trained
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("badit_exp.analyze")
 register_configs()
 
@@ -180,8 +183,6 @@ def run_fisher(cfg: AnalyzeConfig, out: Path, model, tok, device) -> Dict:
 
 
 def run_experts(cfg: AnalyzeConfig, out: Path, device) -> Dict:
-    from badit_exp.plotting import router_usage
-    from badit_exp.training.export import load_trained
 
     model, tok, method = load_trained(cfg.analysis.run_dir, Path(cfg.paths.cache_dir).expanduser(),
                                       device=str(device))
@@ -232,8 +233,6 @@ def run(cfg: AnalyzeConfig, out: Path) -> Dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
 def main(cfg: DictConfig) -> None:
-    from badit_exp.data.superni import DataError
-
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         typed: AnalyzeConfig = OmegaConf.to_object(cfg)

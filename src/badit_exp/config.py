@@ -2,9 +2,12 @@
 
 Every config group has a dataclass here (methods register theirs next to their code, see
 :mod:`badit_exp.methods`). They are stored in Hydra's ConfigStore, so composition itself rejects
-unknown keys and values of the wrong type; :func:`validate` then builds the dataclasses, whose
-``__post_init__`` checks ranges and choices, before any model is loaded. Both fail within a
-second, with the key, the value and the fix in the message.
+unknown keys and values of the wrong type; :func:`badit_exp.compose.validate` then builds the
+dataclasses, whose ``__post_init__`` checks ranges and choices, before any model is loaded. Both
+fail within a second, with the key, the value and the fix in the message.
+
+This module is a leaf: it imports nothing from the package. Storing the schemas in Hydra's
+ConfigStore and validation, which need the method registry, live in :mod:`badit_exp.compose`.
 """
 
 from __future__ import annotations
@@ -12,31 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
-SUPERNI_TASKS: List[str] = [
-    "task002_quoref_answer_generation",
-    "task073_commonsenseqa_answer_generation",
-    "task591_sciq_answer_generation",
-    "task181_outcome_extraction",
-    "task748_glucose_reverse_cause_event_detection",
-    "task1510_evalution_relation_extraction",
-    "task363_sst2_polarity_classification",
-    "task875_emotion_classification",
-    "task1687_sentiment140_classification",
-    "task511_reddit_tifu_long_text_summarization",
-    "task1290_xsum_summarization",
-    "task1572_samsum_summary",
-    "task639_multi_woz_user_utterance_generation",
-    "task1590_diplomacy_text_generation",
-    "task1729_personachat_generate_next",
-]
-SENTIMENT_TASKS: List[str] = [
-    "task363_sst2_polarity_classification",
-    "task875_emotion_classification",
-    "task1687_sentiment140_classification",
-]
+# Keys that may change between a run and its resumption without changing its results (resume
+# compares the rest; the report groups runs over the rest). ``distributed``: checkpoints hold full
+# tensors, so a ZeRO-2 run may resume under DDP and back (a mid-epoch checkpoint still needs the
+# same number of processes, checked in the loop). ``scale.name`` labels the budget, whose values
+# are compared key by key.
+RESULT_NEUTRAL_KEYS = ("resume", "logger", "paths", "trainer.eval_batch_size", "trainer.log_every",
+                       "trainer.num_threads", "trainer.checkpoint_every_steps", "distributed",
+                       "scale.name", "scale.description")
+
+
+def is_result_neutral(key: str) -> bool:
+    """Whether the dotted config ``key`` is (under) one of :data:`RESULT_NEUTRAL_KEYS`."""
+    return any(key == k or key.startswith(k + ".") for k in RESULT_NEUTRAL_KEYS)
 
 
 class ConfigError(ValueError):
@@ -88,21 +81,25 @@ class ModelConfig:
 class DataConfig:
     """A natural-instructions benchmark: a root folder with one sub-folder per task."""
 
-    root: str = "../shared/data/superni"
-    tasks: List[str] = field(default_factory=lambda: list(SUPERNI_TASKS))
+    # the task list and its defaults have one home: conf/data/<benchmark>.yaml
+    root: str = MISSING
+    tasks: List[str] = MISSING
     train_split: str = "train"
     eval_split: str = "test"
-    max_train_per_task: int = 1000
-    max_eval_per_task: int = 100
-    max_seq_len: int = 1024
-    max_new_tokens: int = 50
+    # the budget: conf/scale/<name>.yaml
+    max_train_per_task: int = MISSING
+    max_eval_per_task: int = MISSING
+    max_seq_len: int = MISSING
+    max_new_tokens: int = MISSING
     # summary score per task: rougeL everywhere (the reference code and Table 1), or
     # table4 = exact_match for `exact_match_tasks`, rougeL for the rest.
     summary_metric: str = "rougeL"
-    exact_match_tasks: List[str] = field(default_factory=lambda: list(SENTIMENT_TASKS))
+    exact_match_tasks: List[str] = field(default_factory=list)
     cache_tokenization: bool = True
 
     def __post_init__(self) -> None:
+        if self.tasks == MISSING:  # the schema itself (values come from conf/data/*.yaml)
+            return
         if not self.tasks:
             raise ConfigError("data.tasks is empty; list at least one task folder name.")
         if len(set(self.tasks)) != len(self.tasks):
@@ -121,12 +118,14 @@ class DataConfig:
 class TrainerConfig:
     """Optimisation (SPEC section 4 defaults) and the loop's bookkeeping."""
 
-    epochs: int = 10  # 0: no training, evaluate the model as initialised (e.g. LoRA = the base)
+    # the budget (conf/scale/<name>.yaml); epochs=0: no training, evaluate the model as
+    # initialised (e.g. LoRA = the base)
+    epochs: int = MISSING
     lr: float = 2e-4
     lr_scheduler: str = "cosine"  # cosine | linear | constant (all with warm-up)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    per_device_batch_size: int = 1
+    per_device_batch_size: int = MISSING
     grad_accum_steps: int = 1
     max_grad_norm: Optional[float] = 1.0
     precision: str = "auto"  # auto = bf16 autocast on CUDA with bf16 support, else fp32
@@ -140,6 +139,8 @@ class TrainerConfig:
     step0_examples: int = 16
 
     def __post_init__(self) -> None:
+        if self.epochs == MISSING:  # the schema itself (values come from conf/)
+            return
         _positive("trainer.epochs", self.epochs, allow_zero=True)
         _positive("trainer.lr", self.lr)
         _choice("trainer.lr_scheduler", self.lr_scheduler, ["cosine", "linear", "constant"])
@@ -176,7 +177,10 @@ class TaskOrderConfig:
     name: str = MISSING
     order: Optional[List[str]] = None
     random: bool = False
-    from_seed: bool = False  # use conf/task_order/order<seed>.yaml (the paper's protocol)
+    from_seed: bool = False  # use by_seed[seed] (the paper's protocol: Table 5's order <seed>)
+    # {seed: an order's config}, composed from conf/task_order/order<k>.yaml by the defaults
+    # list of conf/task_order/order_from_seed.yaml
+    by_seed: Dict[str, Any] = field(default_factory=dict)
     # true (the paper's orders): tasks of the order that are not in data.tasks are skipped, so
     # a 3-task run keeps the paper's relative order; false: such a task is an error.
     restrict_to_data_tasks: bool = False
@@ -185,6 +189,26 @@ class TaskOrderConfig:
         if self.order is None and not self.random and not self.from_seed:
             raise ConfigError(f"task_order {self.name!r} has neither `order` nor random=true "
                               "nor from_seed=true.")
+        if self.from_seed and not self.by_seed:
+            raise ConfigError(f"task_order {self.name!r} has from_seed=true but no by_seed "
+                              "orders; compose them in its defaults list, as "
+                              "conf/task_order/order_from_seed.yaml does.")
+
+    def order_for_seed(self, seed: int) -> List[str]:
+        """Table 5's order number ``seed`` (``from_seed``)."""
+        if str(seed) not in self.by_seed:
+            raise ConfigError(f"task_order={self.name} has no order for seed={seed} (it defines "
+                              f"seeds {sorted(self.by_seed)}); set task_order=order1..order5 or "
+                              "task_order=random.")
+        return [str(x) for x in self.by_seed[str(seed)]["order"]]
+
+
+@dataclass
+class ScaleConfig:
+    """Which budget (``conf/scale/``): its name is what reports group and compare by."""
+
+    name: str = MISSING
+    description: str = ""
 
 
 @dataclass
@@ -249,6 +273,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     seed: int = 1
     run_name: str = MISSING
     # true: continue the run found in the run directory (same config required);
@@ -288,34 +313,8 @@ class AnalyzeConfig:
     model: ModelConfig = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # composed for the scale
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     analysis: AnalysisConfig = MISSING
     seed: int = 1
     device: str = "auto"
-
-
-def register_configs() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent)."""
-    import os
-
-    # "" on rank 0 / single process, ".rank<N>" otherwise: per-process Hydra log files
-    OmegaConf.register_new_resolver(
-        "badit_rank_suffix", lambda: "" if int(os.environ.get("RANK", "0")) == 0
-        else f".rank{os.environ['RANK']}", replace=True)
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(name="analyze_schema", node=AnalyzeConfig)
-    from badit_exp.methods import registry  # registers the method schemas
-
-    registry.store_schemas()
-
-
-def validate(cfg: DictConfig) -> Config:
-    """Build the typed config (runs every ``__post_init__``); raise ConfigError on a bad value."""
-    from badit_exp.methods import registry
-
-    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    if isinstance(obj.method, dict):
-        raise ConfigError("method config has no schema: its YAML must start with "
-                          "`defaults: [schema_<kind>, _self_]`.")
-    registry.get(obj.method.kind)  # unknown kind -> clear error
-    return obj

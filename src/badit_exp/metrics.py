@@ -30,6 +30,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 Matrix = List[List[float]]
 
+# every metric :func:`compute_metrics` can return, in the order tables show them (the one list:
+# the runner's log, the CLI table, the report and the tests read it from here)
+METRIC_NAMES = ("rouge", "forward", "forget_rate", "backward", "forget_rate_textbook",
+                "backward_textbook")
+SEQUENTIAL_ONLY = METRIC_NAMES[2:]
+
 
 def rouge(A: Matrix) -> float:
     """Mean of the last row: (1/T) sum_j a_{T,j}."""
@@ -71,8 +77,19 @@ def backward_textbook(A: Matrix) -> float:
 def compute_metrics(A: Matrix, tasks: Sequence[str], mode: str,
                     single: Optional[Dict[str, float]] = None,
                     single_missing_reason: str = "no single-task results were found") -> Dict:
-    """Every metric of SPEC section 3 that ``mode`` defines; ``forward`` is None with a reason
-    when the single-task scores are missing (never 0)."""
+    """Every metric of SPEC section 3 that ``mode`` defines.
+
+    Args:
+        A: the score matrix (rows = stages, columns = ``tasks``, 0-100).
+        tasks: the column tasks, in training order.
+        mode: ``sequential`` (T x T matrix) or ``mixed`` (one row).
+        single: {task: a_{t,0}}, the single-task scores ``forward`` needs (None: missing).
+        single_missing_reason: recorded as ``forward_missing_reason`` when they are missing.
+
+    Returns:
+        {name: value} for the names of :data:`METRIC_NAMES` that ``mode`` defines; ``forward``
+        is None with a reason when the single-task scores are missing (never 0).
+    """
     out: Dict = {"rouge": rouge(A)}
     missing = [t for t in tasks if not single or t not in single]
     if missing:
@@ -86,13 +103,9 @@ def compute_metrics(A: Matrix, tasks: Sequence[str], mode: str,
         if not square:
             raise ValueError(f"sequential metrics need a T x T matrix; got {len(A)} rows for "
                              f"{len(tasks)} tasks")
-        if len(tasks) > 1:
-            out.update(forget_rate=forget_rate(A), backward=backward(A),
-                       forget_rate_textbook=forget_rate_textbook(A),
-                       backward_textbook=backward_textbook(A))
-        else:
-            out.update(forget_rate=None, backward=None, forget_rate_textbook=None,
-                       backward_textbook=None)
+        fns = {"forget_rate": forget_rate, "backward": backward,
+               "forget_rate_textbook": forget_rate_textbook, "backward_textbook": backward_textbook}
+        out.update({k: fns[k](A) if len(tasks) > 1 else None for k in SEQUENTIAL_ONLY})
     return out
 
 

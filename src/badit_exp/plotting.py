@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -68,8 +70,6 @@ def latex_matrix(stages: Sequence[str], tasks: Sequence[str], A) -> str:
 
 def dog_angles(log_path: Path, path: Path) -> None:
     """Mean intra- and inter-expert gradient angles at each DOG regroup (the paper's Fig. 4)."""
-    import json
-
     rows = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l.strip()]
     rows = [r for r in rows if "mean_intra_angle_after" in r]
     if not rows:
@@ -90,8 +90,6 @@ def dog_angles(log_path: Path, path: Path) -> None:
 
 def router_usage(path: Path, tasks: Sequence[str], weights, top_k: int, title: str) -> None:
     """Tasks x experts mean router weight, each task's top-k experts outlined (Fig. 13)."""
-    import numpy as np
-
     W = np.asarray(weights, dtype=float)
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * W.shape[1] + 2), max(3, 0.35 * len(tasks) + 1.5)))
     im = ax.imshow(W, cmap="magma", aspect="auto")
@@ -108,8 +106,6 @@ def router_usage(path: Path, tasks: Sequence[str], weights, top_k: int, title: s
 
 def gate_table(path: Path, tasks: Sequence[str], values, title: str) -> None:
     """Evaluated tasks x branches gate values (GainLoRA), values in the cells."""
-    import numpy as np
-
     W = np.asarray(values, dtype=float)
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * W.shape[1] + 2), max(3, 0.4 * len(tasks) + 1.5)))
     im = ax.imshow(W, cmap="viridis", vmin=0, vmax=1, aspect="auto")

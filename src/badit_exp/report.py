@@ -18,14 +18,16 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from badit_exp.io_utils import flatten
+from omegaconf import OmegaConf
 
-METRICS = ["rouge", "forward", "forget_rate", "backward", "forget_rate_textbook",
-           "backward_textbook"]
-IGNORED = {"seed", "run_name", "paths", "logger", "resume", "task_order",
-           "training_mode.single_results", "trainer.eval_batch_size", "trainer.log_every",
-           "trainer.num_threads", "trainer.checkpoint_every_steps",
-           "distributed"}  # the engine does not change the math; the global batch below does
+from badit_exp.compose import CONF_DIR
+from badit_exp.config import is_result_neutral
+from badit_exp.io_utils import flatten
+from badit_exp.metrics import METRIC_NAMES
+
+METRICS = list(METRIC_NAMES)
+# keys that differ between the seeds of one row (the seed-derived task order, the run's name)
+PER_SEED = ("seed", "run_name", "task_order", "training_mode.single_results")
 
 # SPEC section 7, Table 1: model -> method -> (mixed rouge, seq rouge, seq forget, seq backward)
 PAPER = {
@@ -51,14 +53,24 @@ PAPER = {
 
 
 def _keep(key: str) -> bool:
-    return not any(key == i or key.startswith(i + ".") for i in IGNORED)
+    return not is_result_neutral(key) and not any(key == i or key.startswith(i + ".")
+                                                  for i in PER_SEED)
+
+
+def scale_name(cfg: Dict) -> Optional[str]:
+    """The run's scale (``scale.name`` of its config; None for runs without one)."""
+    return (cfg.get("scale") or {}).get("name")
 
 
 def paper_scale(cfg: Dict) -> bool:
-    d, t = cfg.get("data", {}), cfg.get("trainer", {})
-    return (d.get("max_train_per_task") == 1000 and d.get("max_eval_per_task") == 100
-            and d.get("max_seq_len") == 1024 and d.get("max_new_tokens") == 50
-            and t.get("epochs") == 10 and len(d.get("tasks", [])) == 15)
+    """The run is at ``scale=paper`` and no budget key of conf/scale/paper.yaml was changed
+    on the command line (its numbers may then be set beside the paper's), on all 15 tasks."""
+    if scale_name(cfg) != "paper":
+        return False
+    budget = flatten(OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "scale" / "paper.yaml")))
+    run = flatten(cfg)
+    return (all(run.get(k) == v for k, v in budget.items() if not k.startswith("scale."))
+            and len(cfg.get("data", {}).get("tasks", [])) == 15)
 
 
 def paper_value(model: str, method: str, mode: str, metric: str) -> Optional[float]:
@@ -117,6 +129,7 @@ def group(runs: List[Dict]) -> List[Dict]:
             variant = ", ".join(f"{d}={json.loads(cfg[d]) if d in cfg else None}" for d in differing)
             row = {"model": triple[0], "method": triple[1], "mode": triple[2], "variant": variant,
                    "seeds": [r["seed"] for r in members], "runs": [r["_path"] for r in members],
+                   "scale": scale_name(members[0]["config"]),
                    "paper_scale": paper_scale(members[0]["config"])}
             for m in METRICS:
                 vals = [r.get(m) for r in members if r.get(m) is not None]
@@ -238,7 +251,8 @@ def study_setting(runs: List[Dict]) -> Dict:
     r = runs[0]
     c, prov = r["config"], r.get("provenance", {})
     d, t = c.get("data", {}), c.get("trainer", {})
-    return {"model": r["model"], "mode": r["mode"], "tasks": len(r.get("tasks", [])),
+    return {"model": r["model"], "mode": r["mode"], "scale": scale_name(c),
+            "tasks": len(r.get("tasks", [])),
             "train_per_task": d.get("max_train_per_task"), "eval_per_task": d.get("max_eval_per_task"),
             "max_seq_len": d.get("max_seq_len"), "epochs": t.get("epochs"),
             "global_batch": global_batch(r), "lr": t.get("lr"),
@@ -264,7 +278,7 @@ def study_markdown(rows: List[Dict], setting: Optional[Dict] = None) -> str:
             "target loss: pre-trained / step 0 / final", "wall (min)"]
     lines = []
     if setting:
-        lines += [f"{setting['model']}, {setting['mode']}, {setting['tasks']} tasks x "
+        lines += [f"{setting['model']}, {setting['mode']}, scale {setting.get('scale')}, {setting['tasks']} tasks x "
                   f"{setting['train_per_task']} training examples, {setting['epochs']} epochs, "
                   f"global batch {setting['global_batch']}, lr {setting['lr']}, "
                   f"{setting['eval_per_task']} test examples per task, prompts <= "

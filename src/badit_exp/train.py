@@ -18,9 +18,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from badit_exp.config import ConfigError, register_configs, validate
+from badit_exp.compose import CONF_DIR, register_configs, validate
+from badit_exp.config import ConfigError
+from badit_exp.data.superni import DataError
+from badit_exp.metrics import METRIC_NAMES
+from badit_exp.training.checkpoint import CheckpointError
+from badit_exp.training.runner import Runner
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("badit_exp")
 
 register_configs()
@@ -34,8 +38,7 @@ def print_table(result: dict) -> None:
     for t in tasks:
         s = result["scores"][t]
         print(f"{t:<{w}}  {s['rougeL']:7.2f}  {s['exact_match']:11.2f}")
-    keys = ["rouge", "forward", "forget_rate", "backward", "forget_rate_textbook",
-            "backward_textbook"]
+    keys = METRIC_NAMES
     print("  ".join(f"{k}={result[k]:.2f}" if result.get(k) is not None else f"{k}=n/a"
                     for k in keys if k in result))
     if result.get("forward_missing_reason"):
@@ -43,8 +46,6 @@ def print_table(result: dict) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    from badit_exp.training.runner import Runner
-
     typed = validate(cfg)
     return Runner(typed, run_dir).run()
 
@@ -52,9 +53,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    from badit_exp.data.superni import DataError
-    from badit_exp.training.checkpoint import CheckpointError
-
     try:
         result = run(cfg, run_dir)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -4,5 +4,5 @@ Any benchmark in the natural-instructions format works: a root folder with one s
 task holding ``<split>.json`` (an object with ``Definition`` and ``Instances``).
 """
 
-from badit_exp.data.superni import DataError, Instance, Task, load_task, resolve_task_names  # noqa: F401
 from badit_exp.data.prompts import build_prompt  # noqa: F401
+from badit_exp.data.superni import DataError, Instance, Task, load_task, resolve_task_names  # noqa: F401

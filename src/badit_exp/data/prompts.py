@@ -6,7 +6,7 @@ Prompt (the reference code's, after SuperNI/SAPT)::
 
     Now complete the following example -
     Input: {input}
-    Output: 
+    Output:
 
 Training target: one reference (chosen reproducibly from the seed and the instance id,
 stripped, at most ``max_new_tokens`` tokens) followed by EOS; the loss covers only those tokens.

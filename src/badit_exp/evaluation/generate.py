@@ -8,9 +8,9 @@ from typing import Dict, List, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from badit_exp import dist as D
 from badit_exp.data.prompts import collate_eval
 from badit_exp.evaluation.scoring import aggregate, score_one
-from badit_exp.training import distributed as D
 
 
 @torch.no_grad()

@@ -26,16 +26,27 @@ def normalize(text: str) -> str:
 
 
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
-    sc = _scorer()
-    return 100.0 * max(sc.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+    """ROUGE-L F-measure (0-100) against the best of ``references`` (``rouge_score``'s own
+    multi-reference scoring)."""
+    return 100.0 * _scorer().score_multi(list(references), prediction)["rougeL"].fmeasure
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """100 if ``prediction`` equals a reference after :func:`normalize`, else 0."""
     p = normalize(prediction)
     return 100.0 * max(float(p == normalize(ref)) for ref in references)
 
 
 def score_one(prediction: str, references: Sequence[str]) -> Dict[str, float]:
+    """Both per-prediction scores of SPEC section 1.
+
+    Args:
+        prediction: the generated text.
+        references: the task instance's reference outputs (at least one).
+
+    Returns:
+        ``{"rougeL": ..., "exact_match": ...}``, each 0-100.
+    """
     return {"rougeL": rouge_l(prediction, references),
             "exact_match": exact_match(prediction, references)}
 

@@ -20,19 +20,19 @@ layer's output is unchanged; with an input-dependent router the output changes (
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from badit_exp import dist as D
 from badit_exp.config import ConfigError
-from badit_exp.methods.moe import MoLoRA, MoLoRAConfig
+from badit_exp.methods.access import as_access, copy_all
 from badit_exp.methods.dog_solver import SOLVERS, objective, objective_gram, onehot, solve, unit
+from badit_exp.methods.moe import MoLoRA, MoLoRAConfig
 from badit_exp.methods.moe.layer import MoLoRALinear
 from badit_exp.methods.registry import register
-from badit_exp.training import distributed as D
-from badit_exp.training.engine import as_access, copy_all
-
 
 # ---------------------------------------------------------------------------------------------
 # BAD: SVD initialisation
@@ -371,7 +371,6 @@ class Badit(MoLoRA):
 
     def _submit(self, optimizer, step: int, epoch: int) -> None:
         """Overlapped regroup: plan now, solve in the worker, apply at the next step."""
-        from concurrent.futures import ThreadPoolExecutor
 
         plan = self._plan(optimizer)
         if self._pool is None:

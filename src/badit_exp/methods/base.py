@@ -11,11 +11,12 @@ The runner calls these hooks at fixed points; a method overrides only those it n
 * ``state_dict`` / ``load_state_dict``: everything a checkpoint must hold to resume, on top of
   re-applying the method to the base model with the same seed.
 
-The ``optimizer`` the training hooks receive is the stage's engine
-(:mod:`badit_exp.training.engine`): read gradients with ``optimizer.grad(p)`` and rewrite a
-parameter with ``optimizer.transform(p, fn, ...)`` / ``optimizer.set_param(p, value)``, never
-``p.grad`` / ``p.data`` / ``optimizer.state`` directly, so the method stays correct under DDP and
-DeepSpeed ZeRO-2 (where gradients, fp32 master weights and Adam moments are partitioned).
+The ``optimizer`` the training hooks receive is the stage's engine, seen through the protocol of
+:mod:`badit_exp.methods.access` (a method imports nothing from ``training/``): read gradients
+with ``optimizer.grad(p)`` and rewrite a parameter with ``optimizer.transform(p, fn, ...)`` /
+``optimizer.set_param(p, value)``, never ``p.grad`` / ``p.data`` / ``optimizer.state`` directly,
+so the method stays correct under DDP and DeepSpeed ZeRO-2 (where gradients, fp32 master
+weights and Adam moments are partitioned).
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ class Method:
 
     # -- building ---------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Add the adapter to a freshly loaded base model and freeze the base.
+
+        Args:
+            model: the pre-trained model (all parameters frozen by the loader).
+
+        Returns:
+            The adapted model (the same object or a wrapper, e.g. PEFT's).
+        """
         raise NotImplementedError
 
     def describe(self) -> Dict[str, Any]:
@@ -76,20 +85,46 @@ class Method:
 
     # -- training hooks ---------------------------------------------------------------------
     def on_stage_start(self, model, stage_index: int, stage_name: str, train_batches) -> None:
-        pass
+        """A stage (a task in sequential mode, all tasks in mixed) is about to train.
+
+        Args:
+            model: the adapted model.
+            stage_index: 0-based position of the stage.
+            stage_name: the task's name (``mixed`` in mixed mode).
+            train_batches: one list of tokenised training examples per task of the stage.
+        """
 
     def on_stage_end(self, model, stage_index: int, stage_name: str, train_batches) -> None:
-        pass
+        """The stage finished training (before its evaluation); arguments as
+        :meth:`on_stage_start`."""
 
     def extra_loss(self, model, batch) -> Optional[torch.Tensor]:
+        """A term added to the micro-batch's cross-entropy (None: nothing).
+
+        Args:
+            model: the adapted model, after its forward on ``batch``.
+            batch: the collated micro-batch (``input_ids``, ``attention_mask``, ``labels``,
+                ``task_index``).
+        """
         return None
 
     def after_backward(self, model, optimizer, step: int, epoch: int, num_epochs: int,
                        last_of_epoch: bool = False, total_steps: Optional[int] = None) -> None:
-        pass
+        """Gradients of this optimizer step are complete (reduced over ranks), before clipping.
+
+        Args:
+            model: the adapted model.
+            optimizer: the engine, seen through :mod:`badit_exp.methods.access` (``grad``,
+                ``transform``, ``set_param``, ``permute``).
+            step: optimizer steps already taken in this stage.
+            epoch, num_epochs: the current epoch (0-based) and the stage's epochs.
+            last_of_epoch: this step ends an epoch.
+            total_steps: optimizer steps of the whole stage.
+        """
 
     def after_optimizer_step(self, model, optimizer) -> None:
-        pass
+        """The optimizer step was taken (e.g. project the update); arguments as
+        :meth:`after_backward`."""
 
     def on_resume(self, stage_name: str, step: int) -> None:
         """A stage resumes after ``step`` optimizer steps: drop diagnostics logged after it."""
@@ -106,7 +141,12 @@ class Method:
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-        """Trainable parameters (a method with extra state extends this)."""
+        """Everything a checkpoint holds on top of re-applying the method with the same seed.
+
+        Returns:
+            {name: CPU tensor}: the trainable parameters (a method with extra state, e.g.
+            frozen buffers that move during training, extends this).
+        """
         return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def load_state_dict(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:

@@ -37,12 +37,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from badit_exp import dist as D
 from badit_exp.config import ConfigError
 from badit_exp.data.prompts import collate_train
+from badit_exp.io_utils import atomic_write_json
+from badit_exp.methods.access import as_access
 from badit_exp.methods.base import Method, MethodConfig
 from badit_exp.methods.moe.layer import replace_linears
 from badit_exp.methods.registry import register
-from badit_exp.training.engine import as_access
+from badit_exp.plotting import gate_table
 
 
 @dataclass
@@ -131,7 +134,15 @@ class GateContext:
 
 
 class GainLoraLinear(nn.Module):
+    """A frozen linear layer + one LoRA branch per task, mixed by the tasks' gates."""
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, ctx: GateContext):
+        """Args:
+            base: the frozen linear layer to adapt.
+            rank, alpha: each branch's rank r and scaling alpha / r.
+            dropout: dropout on the branches' input.
+            ctx: the gate context shared by all layers (this forward's gates per task).
+        """
         super().__init__()
         self.base, self.rank, self.scaling, self.ctx = base, rank, alpha / rank, ctx
         d_in, d_out, dev = base.in_features, base.out_features, base.weight.device
@@ -359,8 +370,6 @@ class GainLora(Method):
         self.ctx.record = []
 
     def end_eval(self, task):
-        from badit_exp.training import distributed as D
-
         rec, self.ctx.record = self.ctx.record, None
         # evaluation is sharded over ranks: pool every shard's gate sums and counts
         local = (torch.cat(rec).double().sum(0), sum(r.shape[0] for r in rec)) if rec else None
@@ -372,9 +381,6 @@ class GainLora(Method):
     def after_evaluate(self, stage_name):
         if self.run_dir is None or stage_name not in self.gate_table:
             return
-        from badit_exp.io_utils import atomic_write_json
-        from badit_exp.plotting import gate_table
-
         atomic_write_json(self.run_dir / "gate_table.json",
                           {"rows": "evaluated task", "columns": "branch (task trained at stage i)",
                            "stages": self.gate_table})

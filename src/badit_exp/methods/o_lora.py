@@ -16,7 +16,6 @@ other methods: gate_proj instead of q/v, r = 4 and dropout 0.05 by default (conf
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -46,7 +45,14 @@ class OLoraConfig(MethodConfig):
 
 
 class OLoraLinear(nn.Module):
+    """A frozen linear layer + the current task's LoRA pair + earlier tasks' frozen pairs."""
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        """Args:
+            base: the frozen linear layer to adapt.
+            rank, alpha: the LoRA pair's rank r and scaling alpha / r.
+            dropout: dropout on the LoRA path's input.
+        """
         super().__init__()
         self.base, self.rank, self.scaling = base, rank, alpha / rank
         dev = base.weight.device

@@ -4,21 +4,18 @@ A method module defines a config dataclass (subclass of :class:`MethodConfig`) a
 :class:`Method` subclass, and registers them under a *kind* with :func:`register`. Its YAML in
 ``conf/method/`` starts with ``defaults: [schema_<kind>, _self_]`` so Hydra validates it against
 the dataclass. Several YAMLs may share one kind (e.g. ablations with other settings).
+
+This module imports no method: ``badit_exp/methods/__init__.py`` imports every method module
+(which registers itself here), so the registry is full as soon as the package is imported.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Dict, Tuple, Type
+from typing import Callable, Dict, Tuple
 
 from hydra.core.config_store import ConfigStore
 
 _REGISTRY: Dict[str, Tuple[type, type]] = {}
-
-# Modules that register methods; importing them fills the registry.
-METHOD_MODULES = ["badit_exp.methods.peft_lora", "badit_exp.methods.moe",
-                  "badit_exp.methods.badit", "badit_exp.methods.o_lora",
-                  "badit_exp.methods.gainlora"]
 
 
 def register(kind: str, config_cls: type) -> Callable[[type], type]:
@@ -35,29 +32,21 @@ def register(kind: str, config_cls: type) -> Callable[[type], type]:
     return deco
 
 
-def _load_all() -> None:
-    for mod in METHOD_MODULES:
-        importlib.import_module(mod)
-
-
 def kinds() -> list:
-    _load_all()
     return sorted(_REGISTRY)
 
 
 def get(kind: str) -> Tuple[type, type]:
     """(config dataclass, method class) of ``kind``; a clear error for an unknown one."""
-    _load_all()
     if kind not in _REGISTRY:
         raise KeyError(f"method.kind={kind!r} is not registered; known kinds: {sorted(_REGISTRY)}. "
-                       "A new method needs a module listed in "
-                       "badit_exp.methods.registry.METHOD_MODULES.")
+                       "A new method's module must be imported in "
+                       "badit_exp/methods/__init__.py.")
     return _REGISTRY[kind]
 
 
 def store_schemas() -> None:
     """Store every method's schema as ``method/schema_<kind>`` in Hydra's ConfigStore."""
-    _load_all()
     cs = ConfigStore.instance()
     for kind, (config_cls, _) in _REGISTRY.items():
         cs.store(group="method", name=f"schema_{kind}", node=config_cls)

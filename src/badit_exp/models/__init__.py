@@ -18,6 +18,8 @@ from typing import Tuple
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from badit_exp.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,9 +78,27 @@ def smollm2_cached(cache_dir: Path) -> Path:
     return target
 
 
+def _from_hub(loader, cfg, **kwargs):
+    """``loader.from_pretrained(model.hub_id)``; a model that cannot be reached (offline, a
+    typo, a gated repository) is one ConfigError line naming ``model.hub_id`` and the fix."""
+    try:
+        return loader.from_pretrained(cfg.hub_id, trust_remote_code=cfg.trust_remote_code,
+                                      **kwargs)
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.hub_id={cfg.hub_id!r} cannot be loaded ({reason}). Point it at a local copy: "
+            f"model.hub_id=/path/to/{cfg.hub_id.split('/')[-1]} (a folder with config.json, the "
+            "weights and the tokenizer), or set HF_HUB_OFFLINE=1 after downloading it once.") \
+            from None
+
+
 def load_tokenizer(cfg, cache_dir: Path) -> PreTrainedTokenizerBase:
-    src = cfg.hub_id if cfg.source == "hub" else smollm2_cached(cache_dir)
-    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
+    """The model's tokenizer (pad = eos where it has none)."""
+    if cfg.source == "hub":
+        tok = _from_hub(AutoTokenizer, cfg)
+    else:
+        tok = AutoTokenizer.from_pretrained(smollm2_cached(cache_dir))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -101,10 +121,11 @@ def load_model(cfg, cache_dir: Path, device: torch.device,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif cfg.source == "hub":
+        model = _from_hub(AutoModelForCausalLM, cfg, dtype=dtype, attn_implementation=attn)
     else:
-        src = cfg.hub_id if cfg.source == "hub" else smollm2_cached(cache_dir)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn,
-                                                     trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_cached(cache_dir), dtype=dtype,
+                                                     attn_implementation=attn)
     model.to(device)
     model.eval()
     for p in model.parameters():

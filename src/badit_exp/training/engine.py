@@ -1,6 +1,8 @@
 """The optimisation engine of one stage: one process, DDP, or DeepSpeed ZeRO-2.
 
-The loop (:mod:`badit_exp.training.loop`) and the methods talk to an :class:`Engine` only:
+The loop (:mod:`badit_exp.training.loop`) and the methods talk to an :class:`Engine` only (the
+methods through the protocol of :mod:`badit_exp.methods.access`, which the engines implement).
+Engines take flat arguments (:class:`Optim` holds the optimisation numbers), never a config:
 
 * ``forward`` / ``backward(loss, boundary)`` / ``step()``: a micro-batch, and the optimizer
   step at an accumulation boundary (clipping, AdamW, the warm-up schedule, zeroing).
@@ -22,48 +24,70 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from transformers import get_scheduler
 
-from badit_exp.training import distributed as D
-
-Fn = Callable[[torch.Tensor], torch.Tensor]
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from badit_exp import dist as D
+from badit_exp.methods.access import MOMENTS, OptimizerAccess
 
 
-def make_scheduler(optimizer, tcfg, total_steps: int):
-    warmup = math.ceil(tcfg.warmup_ratio * total_steps)
-    name = "constant_with_warmup" if tcfg.lr_scheduler == "constant" else tcfg.lr_scheduler
+@dataclass(frozen=True)
+class Optim:
+    """AdamW, its schedule and the step's bookkeeping (SPEC section 4's numbers)."""
+
+    lr: float
+    weight_decay: float
+    lr_scheduler: str  # cosine | linear | constant, each after a linear warm-up
+    warmup_ratio: float
+    grad_accum_steps: int
+    max_grad_norm: Optional[float]
+
+
+def make_scheduler(optimizer, name: str, warmup_ratio: float, total_steps: int):
+    """transformers' schedule ``name`` with ``ceil(warmup_ratio * total_steps)`` warm-up steps."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    name = "constant_with_warmup" if name == "constant" else name
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def deepspeed_config(tcfg, dcfg, world_size: int, bf16: bool) -> Dict:
-    """The DeepSpeed JSON for ``distributed=zero2``: micro batch, accumulation and clipping from
-    ``trainer``, ZeRO knobs from ``distributed``, then ``distributed.deepspeed`` merged on top."""
+def deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int,
+                     max_grad_norm: Optional[float], world_size: int, bf16: bool,
+                     zero_stage: int = 2, overlap_comm: bool = True,
+                     contiguous_gradients: bool = True, reduce_bucket_size: int = 500_000_000,
+                     allgather_bucket_size: int = 500_000_000,
+                     extra: Optional[Dict] = None) -> Dict:
+    """The DeepSpeed JSON for ``distributed=zero2``: micro batch, accumulation and clipping (from
+    ``trainer``), the ZeRO knobs (from ``distributed``), then ``extra`` merged on top.
+
+    Returns:
+        The dict written to ``<run_dir>/deepspeed_config.json`` and given to
+        ``deepspeed.initialize``.
+    """
     cfg = {
-        "train_micro_batch_size_per_gpu": tcfg.per_device_batch_size,
-        "gradient_accumulation_steps": tcfg.grad_accum_steps,
-        "train_batch_size": tcfg.per_device_batch_size * tcfg.grad_accum_steps * world_size,
-        "gradient_clipping": float(tcfg.max_grad_norm or 0.0),
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": float(max_grad_norm or 0.0),
         "bf16": {"enabled": bool(bf16)},
         "fp16": {"enabled": False},
         "zero_optimization": {
-            "stage": dcfg.zero_stage,
-            "overlap_comm": dcfg.overlap_comm,
-            "contiguous_gradients": dcfg.contiguous_gradients,
+            "stage": zero_stage,
+            "overlap_comm": overlap_comm,
+            "contiguous_gradients": contiguous_gradients,
             "reduce_scatter": True,
-            "reduce_bucket_size": dcfg.reduce_bucket_size,
-            "allgather_bucket_size": dcfg.allgather_bucket_size,
+            "reduce_bucket_size": reduce_bucket_size,
+            "allgather_bucket_size": allgather_bucket_size,
             "offload_optimizer": {"device": "none"},
         },
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, wrapped by ZeRO
         "steps_per_print": 10**9,  # the loop logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
-    return _merge(cfg, dict(dcfg.deepspeed))
+    return _merge(cfg, dict(extra or {}))
 
 
 def _merge(base: Dict, extra: Dict) -> Dict:
@@ -73,73 +97,28 @@ def _merge(base: Dict, extra: Dict) -> Dict:
     return out
 
 
-class OptimizerAccess:
-    """``grad`` / ``transform`` / ``set_param`` over a plain torch optimizer (or none): what a
-    method needs to rewrite a parameter together with its optimizer state."""
-
-    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None):
-        self.optimizer = optimizer
-
-    def grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
-        return p.grad
-
-    @torch.no_grad()
-    def transform(self, p: torch.nn.Parameter, fn: Fn, grad_fn: Optional[Fn] = None,
-                  moment_fns: Optional[Dict[str, Fn]] = None) -> None:
-        """p <- fn(p); pending grad <- grad_fn(grad); Adam moment k <- moment_fns[k](moment).
-        ``grad_fn`` and every missing moment function default to ``fn`` (a permutation)."""
-        grad_fn = grad_fn or fn
-        moment_fns = {k: (moment_fns or {}).get(k, fn) for k in MOMENTS}
-        p.data.copy_(fn(p.data))
-        if p.grad is not None:
-            p.grad.copy_(grad_fn(p.grad))
-        state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
-        for k in MOMENTS:
-            if k in state:
-                state[k].copy_(moment_fns[k](state[k]))
-
-    @torch.no_grad()
-    def permute(self, items: List[Tuple[torch.nn.Parameter, int, torch.Tensor]]) -> None:
-        """For each (p, dim, index): p, its pending grad and Adam moments <- index_select(dim,
-        index), all in one batched copy (a DOG regroup moves 2 tensors x 4 states per layer;
-        one launch per tensor would dominate its cost on a GPU)."""
-        dst, src = [], []
-        for p, dim, idx in items:
-            state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
-            for t in (p.data, p.grad, *[state.get(k) for k in MOMENTS]):
-                if t is not None:
-                    dst.append(t)
-                    src.append(t.index_select(dim, idx))
-        copy_all(dst, src)
-
-    @torch.no_grad()
-    def set_param(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
-        p.data.copy_(value)
-
-
-def copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
-    """dst[i] <- src[i] for all i, in one batched (multi-tensor) copy."""
-    if dst:
-        torch._foreach_copy_(dst, src)
-
-
-def as_access(obj) -> OptimizerAccess:
-    """An engine passes through; a torch optimizer (or None, e.g. in tests) is wrapped."""
-    return obj if isinstance(obj, OptimizerAccess) else OptimizerAccess(obj)
-
-
 class Engine(OptimizerAccess):
     """One process (world of one, no wrapper) or torch DDP; the optimizer is a plain AdamW."""
 
-    def __init__(self, model, named_params: List[Tuple[str, torch.nn.Parameter]], tcfg,
+    def __init__(self, model, named_params: List[Tuple[str, torch.nn.Parameter]], optim: Optim,
                  total_steps: int, *, ddp: bool = False, find_unused_parameters: bool = False,
                  device: Optional[torch.device] = None):
+        """Args:
+            model: the model with its adapter (only ``named_params`` are trained).
+            named_params: (name, parameter) of every trainable parameter, in a fixed order.
+            optim: the optimisation numbers.
+            total_steps: optimizer steps of the stage (the schedule's length).
+            ddp: wrap in DistributedDataParallel (when more than one process runs).
+            find_unused_parameters: DDP's flag (a parameter may get no gradient).
+            device: this process's device (DDP's ``device_ids``).
+        """
         self.module = model
         self.named = named_params
         self.params = [p for _, p in named_params]
-        self.tcfg = tcfg
-        self.optimizer = torch.optim.AdamW(self.params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, tcfg, total_steps)
+        self.optim = optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, optim.lr_scheduler, optim.warmup_ratio,
+                                        total_steps)
         self.wrapped = model
         self.ddp = ddp and D.world_size() > 1
         if self.ddp:
@@ -162,7 +141,7 @@ class Engine(OptimizerAccess):
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         """``loss`` of one micro-batch; gradients are averaged over accumulation and ranks."""
-        scaled = loss / self.tcfg.grad_accum_steps
+        scaled = loss / self.optim.grad_accum_steps
         if self.ddp and not boundary:
             with self.wrapped.no_sync():  # reduce once per optimizer step
                 scaled.backward()
@@ -170,8 +149,8 @@ class Engine(OptimizerAccess):
             scaled.backward()
 
     def step(self) -> None:
-        if self.tcfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.max_grad_norm)
+        if self.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.optim.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -189,7 +168,7 @@ class Engine(OptimizerAccess):
                 "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
-        if state.get("engine", "torch") == "torch":
+        if state["engine"] == "torch":
             self.optimizer.load_state_dict(state["optimizer"])
         else:
             _load_full_state(self, state)
@@ -220,12 +199,14 @@ class DeepSpeedEngine(Engine):
 
     autocast_ok = False  # DeepSpeed's bf16 mode casts the module; fp32 runs need no autocast
 
-    def __init__(self, model, named_params, tcfg, total_steps, *, dcfg, bf16: bool,
+    def __init__(self, model, named_params, optim: Optim, total_steps: int, *, ds_config: Dict,
                  config_path: Optional[Path] = None):
+        """Args: as :class:`Engine`, plus ``ds_config`` (:func:`deepspeed_config`), written to
+        ``config_path`` by rank 0."""
         import deepspeed
 
-        super().__init__(model, named_params, tcfg, total_steps)  # AdamW + schedule, no wrapper
-        self.ds_config = deepspeed_config(tcfg, dcfg, D.world_size(), bf16)
+        super().__init__(model, named_params, optim, total_steps)  # AdamW + schedule, no wrapper
+        self.ds_config = ds_config
         if config_path is not None and D.rank() == 0:
             config_path.write_text(json.dumps(self.ds_config, indent=2))
         # ZeRO takes over the AdamW (its param_groups, which the schedule drives, are kept)
@@ -262,9 +243,14 @@ class DeepSpeedEngine(Engine):
 
     @torch.no_grad()
     def transform(self, p, fn, grad_fn=None, moment_fns=None) -> None:
-        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_grad,
-                                     safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                                     safe_set_full_grad, safe_set_full_optimizer_state)
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_full_grad,
+            safe_get_full_optimizer_state,
+            safe_set_full_fp32_param,
+            safe_set_full_grad,
+            safe_set_full_optimizer_state,
+        )
 
         grad_fn = grad_fn or fn
         moment_fns = {k: (moment_fns or {}).get(k, fn) for k in MOMENTS}
@@ -373,12 +359,13 @@ def _torch_step(opt_state: Dict) -> int:
     return 0
 
 
-def build_engine(model, tcfg, dcfg, total_steps: int, device: torch.device, bf16: bool,
+def build_engine(model, name: str, optim: Optim, total_steps: int, *, device: torch.device,
+                 find_unused_parameters: bool = False, ds_config: Optional[Dict] = None,
                  config_path: Optional[Path] = None) -> Engine:
-    """The engine ``distributed.name`` asks for, over the model's trainable parameters."""
+    """The engine ``name`` (none | ddp | zero2) over the model's trainable parameters."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if dcfg.name == "zero2":
-        return DeepSpeedEngine(model, named, tcfg, total_steps, dcfg=dcfg, bf16=bf16,
+    if name == "zero2":
+        return DeepSpeedEngine(model, named, optim, total_steps, ds_config=ds_config,
                                config_path=config_path)
-    return Engine(model, named, tcfg, total_steps, ddp=dcfg.name == "ddp",
-                  find_unused_parameters=dcfg.find_unused_parameters, device=device)
+    return Engine(model, named, optim, total_steps, ddp=name == "ddp",
+                  find_unused_parameters=find_unused_parameters, device=device)

@@ -1,22 +1,18 @@
 """The experiment runner: stages of training, evaluation after each, results, resume.
 
-The three training modes are one loop over *stages* (SPEC section 2):
-
-* ``mixed``: one stage, all tasks' training sets shuffled together; evaluate all tasks.
-* ``sequential``: one stage per task in the task order; the adapter carries over, the optimizer
-  and schedule restart; after each stage evaluate all tasks -> the T x T matrix.
-* ``single``: one stage per task, each from the pristine base model; evaluate that task only
-  -> a_{t,0} for ``forward``.
+:class:`Runner` runs the stages of :func:`badit_exp.training.stages.plan_stages` in named steps:
+``setup`` (``_setup_dist``, ``_setup_data``, ``_setup_run_dir``, ``_setup_logger``), then for each
+stage :meth:`Runner.build_model` (when the stage starts from the base model),
+:meth:`Runner.train_stage` (a :class:`badit_exp.training.loop.StageTrainer`),
+:meth:`Runner.checkpoint_stage`, :meth:`Runner.evaluate`; at the end the adapter export and
+:func:`badit_exp.training.results.write_results`. The run directory's rules (config check,
+progress, checkpoints) are :class:`badit_exp.training.rundir.RunDir`'s.
 
 Data parallel runs (``distributed=ddp|zero2``): every rank runs this same code on its shard;
 rank 0 alone writes files (config, logs, checkpoints, predictions, results) and the others
-return ``None`` from :meth:`Runner.run`.
-
-Named steps: :meth:`Runner.setup`, :meth:`Runner.build_model`, :meth:`Runner.train_stage`,
-:meth:`Runner.evaluate`, :meth:`Runner.checkpoint_stage`, :meth:`Runner.finish`.
-Progress lives in ``<run_dir>/progress.json`` (atomic); a killed run started again with the
-same command (same run directory, ``resume=true``, the default) continues from the last
-finished stage, and from the last in-stage checkpoint if there is one.
+return ``None`` from :meth:`Runner.run`. A killed run started again with the same command (same
+run directory, ``resume=true``, the default) continues from the last finished stage, and from
+the last in-stage checkpoint if there is one.
 """
 
 from __future__ import annotations
@@ -24,96 +20,32 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
+from transformers import set_seed
 
-from badit_exp import metrics as M
-from badit_exp import plotting, provenance
+from badit_exp import dist as D
 from badit_exp.config import Config, ConfigError
 from badit_exp.data.prompts import collate_train, tokenize_task
-from badit_exp.data.superni import Task, load_task, resolve_task_names
+from badit_exp.data.superni import Task, load_task
 from badit_exp.evaluation.generate import evaluate_task
-from badit_exp.evaluation.scoring import summary_score
-from badit_exp.io_utils import (atomic_write_json, atomic_write_text, flatten,
-                                truncate_jsonl, write_jsonl)
+from badit_exp.io_utils import atomic_write_json, truncate_jsonl, write_jsonl
 from badit_exp.methods import registry
+from badit_exp.metrics import METRIC_NAMES
 from badit_exp.models import load_model, load_tokenizer, resolve_device
-from badit_exp.training import checkpoint as ckpt
-from badit_exp.training import distributed as D
+from badit_exp.training import engine as E
 from badit_exp.training.logger import RunLogger
-from badit_exp.training.loop import Position, rng_state, set_rng_state, train_stage
+from badit_exp.training.loop import Position, StageTrainer, rng_state, set_rng_state
+from badit_exp.training.results import write_results
+from badit_exp.training.rundir import RunDir
+from badit_exp.training.stages import Stage, plan_stages
 
 log = logging.getLogger(__name__)
-
-# Keys that may change between a run and its resumption without changing its results.
-# ``distributed``: checkpoints hold full tensors, so a ZeRO-2 run may resume under DDP and back
-# (a mid-epoch checkpoint still needs the same number of processes, checked in the loop).
-RESUME_IGNORED = {"resume", "logger", "paths", "trainer.eval_batch_size", "trainer.log_every",
-                  "trainer.num_threads", "trainer.checkpoint_every_steps", "distributed"}
-
-
-@dataclass
-class Stage:
-    name: str
-    train_tasks: List[str]
-    eval_tasks: List[str]
-    fresh_model: bool  # start from the pristine base model (single mode, first stage)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def seed_order(seed: int) -> List[str]:
-    """Table 5's order number ``seed``, read from ``conf/task_order/order<seed>.yaml``."""
-    path = Path(__file__).resolve().parents[3] / "conf" / "task_order" / f"order{seed}.yaml"
-    if not path.exists():
-        raise ConfigError(f"task_order=order_from_seed has no order for seed={seed} (the paper "
-                          "defines orders 1-5); set task_order=order1..order5 or "
-                          "task_order=random.")
-    return [str(x) for x in OmegaConf.load(path).order]
-
-
-def task_order(cfg: Config) -> List[str]:
-    """The sequential order: the configured list, or a seeded shuffle for ``random``."""
-    tasks = list(cfg.data.tasks)
-    if cfg.task_order.random:
-        rng = random.Random(cfg.seed)
-        rng.shuffle(tasks)
-        return tasks
-    names = cfg.task_order.order
-    if cfg.task_order.from_seed:
-        names = seed_order(cfg.seed)
-    order = resolve_task_names(names, tasks, f"task_order={cfg.task_order.name}",
-                               skip_unknown=cfg.task_order.restrict_to_data_tasks)
-    if len(order) != len(tasks):
-        missing = [t for t in tasks if t not in order]
-        raise ConfigError(f"task_order={cfg.task_order.name} leaves out {missing} of data.tasks; "
-                          "a sequential order must list every task once (or use "
-                          "task_order=random).")
-    return order
-
-
-def plan_stages(cfg: Config) -> List[Stage]:
-    mode = cfg.training_mode.name
-    tasks = list(cfg.data.tasks)
-    if mode == "mixed":
-        return [Stage("mixed", tasks, tasks, True)]
-    order = task_order(cfg) if mode == "sequential" else tasks
-    if mode == "sequential":
-        return [Stage(t, [t], order, i == 0) for i, t in enumerate(order)]
-    return [Stage(t, [t], [t], True) for t in order]
 
 
 def sync_rng() -> None:
@@ -123,24 +55,38 @@ def sync_rng() -> None:
         set_rng_state(D.broadcast_object(rng_state()))
 
 
-def config_diff(old: Dict, new: Dict) -> List[str]:
-    a, b = flatten(old), flatten(new)
-    ign = lambda k: any(k == i or k.startswith(i + ".") for i in RESUME_IGNORED)  # noqa: E731
-    return sorted(k for k in set(a) | set(b) if not ign(k) and a.get(k) != b.get(k))
+def ds_config_for(t, d, world_size: int, bf16: bool) -> Dict:
+    """The DeepSpeed JSON from the ``trainer`` (``t``) and ``distributed`` (``d``) configs."""
+    return E.deepspeed_config(
+        micro_batch_size=t.per_device_batch_size, grad_accum_steps=t.grad_accum_steps,
+        max_grad_norm=t.max_grad_norm, world_size=world_size, bf16=bf16, zero_stage=d.zero_stage,
+        overlap_comm=d.overlap_comm, contiguous_gradients=d.contiguous_gradients,
+        reduce_bucket_size=d.reduce_bucket_size, allgather_bucket_size=d.allgather_bucket_size,
+        extra=dict(d.deepspeed))
 
 
 class Runner:
+    """One run of ``cfg`` in ``run_dir`` (see the module docstring)."""
+
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
-        self._set_run_dir(Path(run_dir))
+        self.rundir = RunDir(Path(run_dir))
 
-    def _set_run_dir(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.ckpt_dir = run_dir / "checkpoints"
-        self.progress_path = run_dir / "progress.json"
+    @property
+    def run_dir(self) -> Path:
+        return self.rundir.path
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
+        self._setup_dist()
+        self.stages: List[Stage] = plan_stages(self.cfg)
+        with D.main_first():  # rank 0 fills the model and tokenisation caches, then the others
+            self.tok = load_tokenizer(self.cfg.model, self.cache_dir)
+            self._setup_data()
+        self._setup_run_dir()
+        self._setup_logger()
+
+    def _setup_dist(self) -> None:
         cfg = self.cfg
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
@@ -150,30 +96,14 @@ class Runner:
         self.is_main = self.dist.is_main
         # one run directory for all ranks: rank 0's (a Hydra sweep dir carries a timestamp that
         # could differ by a second between processes)
-        self._set_run_dir(Path(D.broadcast_object(str(self.run_dir))))
+        self.rundir = RunDir(Path(D.broadcast_object(str(self.run_dir))), writer=self.is_main)
         prec = cfg.trainer.precision
         use_bf16 = prec == "bf16" or (prec == "auto" and self.device.type == "cuda"
                                       and torch.cuda.is_bf16_supported())
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.cache_dir = Path(cfg.paths.cache_dir).expanduser().resolve()
-        self.stages = plan_stages(cfg)
-        with D.main_first():  # rank 0 fills the model and tokenisation caches, then the others
-            self.tok = load_tokenizer(cfg.model, self.cache_dir)
-            self._load_data()
-        self.resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        err = None
-        if self.is_main:  # rank 0 checks and writes config.yaml; every rank gets its verdict
-            try:
-                self._check_run_dir()
-            except ConfigError as e:
-                err = str(e)
-        err = D.broadcast_object(err)
-        if err:
-            raise ConfigError(err)
-        self.logger = RunLogger(self.run_dir, cfg.logger.name, cfg.logger.project, cfg.run_name,
-                                cfg.logger.mode, self.resolved, enabled=self.is_main)
 
-    def _load_data(self) -> None:
+    def _setup_data(self) -> None:
         d = self.cfg.data
         root = Path(d.root).expanduser()
         tok_cache = self.cache_dir / "tokenized" if d.cache_tokenization else None
@@ -194,21 +124,24 @@ class Runner:
             for ex in self.train_examples[name]:
                 ex["task_index"] = d.tasks.index(name)
 
-    def _check_run_dir(self) -> None:
-        cfg_path = self.run_dir / "config.yaml"
-        if cfg_path.exists():
-            if not self.cfg.resume:
-                raise ConfigError(f"{self.run_dir} already holds a run and resume=false; choose "
-                                  "another hydra.run.dir (or run_name), or resume=true.")
-            old = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
-            diff = config_diff(old, self.resolved)
-            if diff:
-                raise ConfigError(f"{self.run_dir} holds a run with a different config "
-                                  f"({', '.join(diff[:8])}); resuming it would mix results. "
-                                  "Use another hydra.run.dir / run_name, or restore the settings.")
-        else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cfg_path, OmegaConf.to_yaml(self.resolved))
+    def _setup_run_dir(self) -> None:
+        """Rank 0 claims the directory (writes or checks config.yaml); every rank gets its
+        verdict."""
+        self.resolved = OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True)
+        err = None
+        if self.is_main:
+            try:
+                self.rundir.claim(self.resolved, self.cfg.resume)
+            except ConfigError as e:
+                err = str(e)
+        err = D.broadcast_object(err)
+        if err:
+            raise ConfigError(err)
+
+    def _setup_logger(self) -> None:
+        c = self.cfg
+        self.logger = RunLogger(self.run_dir, c.logger.name, c.logger.project, c.run_name,
+                                c.logger.mode, self.resolved, enabled=self.is_main)
 
     # ------------------------------------------------------------------------------ model
     def loss_slice(self) -> List[Dict]:
@@ -249,7 +182,7 @@ class Runner:
         ``measure_step0`` the target loss of the pre-trained model and of the model with the
         fresh adapter are stored in ``self.step0`` (a start far above the pre-trained model's
         loss means the method does not start from the pre-trained function: warned)."""
-        seed_everything(self.cfg.seed)  # same seed on every rank: identical adapters
+        set_seed(self.cfg.seed)  # same seed on every rank: identical adapters
         with D.main_first():
             base = load_model(self.cfg.model, self.cache_dir, self.device,
                               vocab_size=len(self.tok) if self.cfg.model.source == "tiny" else None)
@@ -276,32 +209,28 @@ class Runner:
                  self.cfg.model.name, self.cfg.method.name, n_train, n_all, 100 * n_train / n_all)
         return model, method
 
-    # ------------------------------------------------------------------------------ progress
-    def _load_progress(self) -> Dict:
-        if not self.progress_path.exists():
-            return {"completed": [], "results": {}, "timing": {}, "global_step": 0}
-        try:
-            return json.loads(self.progress_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ckpt.CheckpointError(f"{self.progress_path} is corrupted ({e}); delete the run "
-                                       "directory to start over.") from None
-
-    def _save_progress(self, progress: Dict) -> None:
-        if self.is_main:
-            atomic_write_json(self.progress_path, progress)
+    def make_engine(self, model, total_steps: int) -> E.Engine:
+        """The stage's engine from ``trainer`` and ``distributed`` (flat arguments)."""
+        t, d = self.cfg.trainer, self.cfg.distributed
+        optim = E.Optim(lr=t.lr, weight_decay=t.weight_decay, lr_scheduler=t.lr_scheduler,
+                        warmup_ratio=t.warmup_ratio, grad_accum_steps=t.grad_accum_steps,
+                        max_grad_norm=t.max_grad_norm)
+        ds = (ds_config_for(t, d, D.world_size(), self.autocast_dtype == torch.bfloat16)
+              if d.name == "zero2" else None)
+        return E.build_engine(model, d.name, optim, total_steps, device=self.device,
+                              find_unused_parameters=d.find_unused_parameters, ds_config=ds,
+                              config_path=self.run_dir / "deepspeed_config.json")
 
     # ------------------------------------------------------------------------------ steps
     def train_stage(self, model, method, i: int, stage: Stage, progress: Dict) -> Dict:
         examples = [ex for t in stage.train_tasks for ex in self.train_examples[t]]
-        in_stage = self.ckpt_dir / "in_stage"
+        found = self.rundir.load_in_stage(i)
         resume_state = None
-        if in_stage.exists():
-            tensors, meta, tstate = ckpt.load(in_stage)
-            if meta.get("stage") == i:
-                method.load_state_dict(model, tensors)
-                resume_state = tstate
-                log.info("resuming stage %d (%s) at epoch %d, batch %d", i, stage.name,
-                         tstate["position"]["epoch"], tstate["position"]["batch"])
+        if found is not None:
+            tensors, resume_state = found
+            method.load_state_dict(model, tensors)
+            log.info("resuming stage %d (%s) at epoch %d, batch %d", i, stage.name,
+                     resume_state["position"]["epoch"], resume_state["position"]["batch"])
         # logs written after the checkpoint we resume from would otherwise appear twice
         done_steps = resume_state["position"]["step"] if resume_state else 0
         last = progress["global_step"] + done_steps
@@ -311,25 +240,26 @@ class Runner:
         method.on_resume(stage.name, done_steps)
 
         def save(pos: Position, tstate: Dict) -> None:
-            if self.is_main:
-                ckpt.save(in_stage, method.state_dict(model),
-                          {"stage": i, "stage_name": stage.name}, tstate)
+            self.rundir.save_in_stage(i, stage.name, method.state_dict(model), tstate)
             D.barrier()
 
-        return train_stage(model, method, examples, tcfg=self.cfg.trainer,
-                           pad_id=self.tok.pad_token_id, seed=self.cfg.seed, stage_index=i,
-                           stage_name=stage.name, device=self.device,
-                           autocast_dtype=self.autocast_dtype, logger=self.logger,
-                           global_step_offset=progress["global_step"], resume=resume_state,
-                           save_checkpoint=save, dcfg=self.cfg.distributed,
-                           run_dir=self.run_dir)
+        t = self.cfg.trainer
+        trainer = StageTrainer(
+            model, method, examples, make_engine=lambda n: self.make_engine(model, n),
+            epochs=t.epochs, batch_size=t.per_device_batch_size,
+            grad_accum_steps=t.grad_accum_steps, seed=self.cfg.seed, stage_index=i,
+            stage_name=stage.name, pad_id=self.tok.pad_token_id, device=self.device,
+            autocast_dtype=self.autocast_dtype, log_every=t.log_every,
+            checkpoint_every_steps=t.checkpoint_every_steps, logger=self.logger,
+            global_step_offset=progress["global_step"], save_checkpoint=save)
+        return trainer.run(resume_state)
 
     def evaluate(self, model, method, i: int, stage: Stage, final: bool,
                  step: int = 0) -> Dict[str, Dict[str, float]]:
         """Evaluate ``stage.eval_tasks``; per-task results are kept as they finish so a crash
         during evaluation does not redo finished tasks. Generation is sharded over ranks (see
         :func:`badit_exp.evaluation.generate.generate`); rank 0 writes."""
-        partial_path = self.ckpt_dir / f"eval_stage_{i}.json"
+        partial_path = self.rundir.eval_partial(i)
         done = json.loads(partial_path.read_text()) if partial_path.exists() else {}
         done = D.broadcast_object(done)  # every rank evaluates the same remaining tasks
         pred_dir = self.run_dir / "predictions"
@@ -358,200 +288,74 @@ class Runner:
         return done
 
     def checkpoint_stage(self, model, method, i: int) -> None:
-        if self.is_main:
-            ckpt.save(self.ckpt_dir / f"stage_{i}", method.state_dict(model), {"stage": i})
+        self.rundir.save_stage(i, method.state_dict(model))
         D.barrier()
 
     # ------------------------------------------------------------------------------ run
-    def run(self) -> Dict:
+    def run(self) -> Optional[Dict]:
+        """Run (or continue) every stage, then write the results (rank 0 returns them)."""
         self.setup()
-        progress = D.broadcast_object(self._load_progress() if self.is_main else None)
+        progress = D.broadcast_object(self.rundir.load_progress() if self.is_main else None)
         model = method = None
         n = len(self.stages)
+        ran = False
         for i, stage in enumerate(self.stages):
             if stage.name in progress["completed"]:
                 continue
+            ran = True
             if model is None or stage.fresh_model:
                 first = "target_loss" not in progress and self.cfg.trainer.step0_examples > 0
                 model, method = self.build_model(measure_step0=first)
                 if first:
                     progress["target_loss"] = dict(self.step0)
                 if not stage.fresh_model and i > 0:
-                    tensors, _, _ = ckpt.load(self.ckpt_dir / f"stage_{i - 1}")
+                    tensors, _, _ = self.rundir.load_stage(i - 1)
                     method.load_state_dict(model, tensors)
-            data = [self.train_examples[t] for t in stage.train_tasks]
-            t0 = time.perf_counter()
-            sync_rng()  # a method drawing random numbers at a task boundary (a new branch's
-            method.on_stage_start(model, i, stage.name, data)  # init) draws the same on all ranks
-            summary = self.train_stage(model, method, i, stage, progress)
-            sync_rng()
-            method.on_stage_end(model, i, stage.name, data)
-            t_train = time.perf_counter() - t0
-            slice_loss = self.target_loss(model) if self.cfg.trainer.step0_examples else None
-            self.checkpoint_stage(model, method, i)
-            t1 = time.perf_counter()
-            scores = self.evaluate(model, method, i, stage, final=(i == n - 1),
-                                   step=progress["global_step"] + summary["steps"])
-            progress["results"][stage.name] = scores
-            progress["timing"][stage.name] = {"train_s": t_train,
-                                              "eval_s": time.perf_counter() - t1,
-                                              "train_steps": summary["steps"],
-                                              "train_tokens": summary["tokens"],
-                                              "first_loss": summary["first_loss"],
-                                              "last_loss": summary["last_loss"],
-                                              "slice_loss_after": slice_loss}
-            if slice_loss is not None and "target_loss" in progress:
-                progress["target_loss"]["final"] = slice_loss
-            progress["completed"].append(stage.name)
-            progress["global_step"] += summary["steps"]
-            self._save_progress(progress)
-            # the stage is recorded: drop what only its resumption needed
-            stale = [self.ckpt_dir / "in_stage", self.ckpt_dir / f"eval_stage_{i}",
-                     self.ckpt_dir / f"stage_{i - 1}"]
-            for old in stale if self.is_main else []:
-                if old.is_dir():
-                    shutil.rmtree(old)
-                elif old.with_suffix(".json").exists():
-                    old.with_suffix(".json").unlink()
+            self._run_stage(model, method, i, stage, progress, final=i == n - 1)
         self.model, self.method = model, method  # the trained adapter, for notebooks and tests
-        if model is not None and self.is_main:
-            self._export_adapter(model, method)
-        result = self.finish(progress) if self.is_main else None
+        if model is not None:
+            self.rundir.export_adapter(method.state_dict(model),
+                                       {"method": self.resolved["method"],
+                                        "model": self.resolved["model"], "seed": self.cfg.seed,
+                                        "variant": method.describe()})
+        result = None
+        if self.is_main:
+            variant = registry.build(self.cfg.method).describe()
+            result = write_results(self.cfg, self.resolved, self.stages, progress, self.run_dir,
+                                   variant)
+            if ran:  # a finished run started again logs nothing new
+                self.logger.log({f"cl/{k}": result[k] for k in METRIC_NAMES
+                                 if result.get(k) is not None}, step=progress["global_step"])
         self.logger.close()
         D.barrier()
         return result
 
-    def _export_adapter(self, model, method) -> None:
-        from safetensors.torch import save_file
-
-        out = self.run_dir / "adapter"
-        out.mkdir(exist_ok=True)
-        save_file({k: v.contiguous() for k, v in method.state_dict(model).items()},
-                  str(out / "adapter.safetensors"))
-        atomic_write_json(out / "method.json", {"method": self.resolved["method"],
-                                                "model": self.resolved["model"],
-                                                "seed": self.cfg.seed,
-                                                "variant": method.describe()})
-
-    # ------------------------------------------------------------------------------ results
-    def _summary(self, task: str, scores: Dict[str, float]) -> float:
-        d = self.cfg.data
-        return summary_score(task, scores, d.summary_metric, d.exact_match_tasks)
-
-    def finish(self, progress: Dict) -> Dict:
-        """Write scores.csv, metrics.json, plots and the LaTeX table; return metrics."""
-        cfg = self.cfg
-        mode = cfg.training_mode.name
-        res = progress["results"]
-        stage_names = [s.name for s in self.stages]
-        out: Dict = {"mode": mode, "run_name": cfg.run_name, "seed": cfg.seed,
-                     "model": cfg.model.name, "method": cfg.method.name,
-                     "method_variant": registry.build(cfg.method).describe(),
-                     "summary_metric": cfg.data.summary_metric, "match_key": self.match_key()}
-        if mode == "single":
-            tasks = list(cfg.data.tasks)
-            out["tasks"] = tasks
-            out["scores"] = {t: res[t][t] for t in tasks}
-            out["single_scores"] = {t: self._summary(t, res[t][t]) for t in tasks}
-            out["rouge"] = sum(out["single_scores"].values()) / len(tasks)
-            row = [out["single_scores"][t] for t in tasks]
-            plotting.bar_scores(self.run_dir / "scores.png", tasks, row,
-                                f"{cfg.model.name} / {cfg.method.name} / single")
-        else:
-            tasks = self.stages[0].eval_tasks  # the task order (columns)
-            A = [[self._summary(t, res[s][t]) for t in tasks] for s in stage_names]
-            A_em = [[res[s][t]["exact_match"] for t in tasks] for s in stage_names]
-            single, reason = self.find_single_results(tasks)
-            out["tasks"] = tasks
-            out["stages"] = stage_names
-            out["scores"] = {t: res[stage_names[-1]][t] for t in tasks}
-            out["matrix"] = {"summary": A, "rougeL": [[res[s][t]["rougeL"] for t in tasks]
-                                                      for s in stage_names],
-                             "exact_match": A_em}
-            out.update(M.compute_metrics(A, tasks, mode, single, reason))
-            em_single = None
-            if single is not None and "single_exact_match" in single:
-                em_single = single["single_exact_match"]
-            out["metrics_exact_match"] = M.compute_metrics(A_em, tasks, mode, em_single,
-                                                           "no exact-match single results")
-            if single is not None:
-                out["single_results_source"] = single.get("_source")
-            atomic_write_text(self.run_dir / "scores.csv", M.format_matrix_csv(stage_names, tasks, A))
-            atomic_write_text(self.run_dir / "scores.tex", plotting.latex_matrix(stage_names, tasks, A))
-            title = f"{cfg.model.name} / {cfg.method.name} / {mode}"
-            if mode == "sequential":
-                plotting.heatmap(self.run_dir / "scores_heatmap.png", stage_names, tasks, A, title)
-            else:
-                plotting.bar_scores(self.run_dir / "scores.png", tasks, A[-1], title)
-        if mode == "single":
-            out["single_exact_match"] = {t: res[t][t]["exact_match"] for t in out["tasks"]}
-        out["timing"] = progress["timing"]
-        out["target_loss"] = progress.get("target_loss")
-        t = cfg.trainer
-        out["parallel"] = {"engine": cfg.distributed.name, "world_size": D.world_size(),
-                           "global_batch": t.per_device_batch_size * t.grad_accum_steps
-                           * D.world_size()}
-        out["provenance"] = provenance.collect()
-        out["config"] = self.resolved
-        atomic_write_json(self.run_dir / "metrics.json", _json_safe(out))
-        for k in ("rouge", "forward", "forget_rate", "backward"):
-            if out.get(k) is not None:
-                self.logger.log({f"cl/{k}": out[k]}, step=progress["global_step"])
-        return out
-
-    def match_key(self) -> Dict:
-        """What a single-task run must share with this run for ``forward`` to use it."""
-        c = self.cfg
-        return {"model": c.model.name, "method": c.method.name, "seed": c.seed,
-                "root": str(Path(c.data.root).expanduser().resolve()),
-                "max_train_per_task": c.data.max_train_per_task,
-                "max_eval_per_task": c.data.max_eval_per_task, "max_seq_len": c.data.max_seq_len,
-                "epochs": c.trainer.epochs, "summary_metric": c.data.summary_metric}
-
-    def find_single_results(self, tasks: List[str]):
-        """({task: a_t0, ...}, reason-if-missing). Explicit file first, else the newest single
-        run under ``paths.output_dir`` whose match key equals this run's."""
-        explicit = self.cfg.training_mode.single_results
-        if explicit:
-            p = Path(explicit).expanduser()
-            if not p.exists():
-                raise ConfigError(f"training_mode.single_results={explicit!r} does not exist.")
-            single = M.read_single(p)
-            single["_source"] = str(p)
-            if p.name == "metrics.json":
-                em = json.loads(p.read_text()).get("single_exact_match")
-                if em:
-                    single["single_exact_match"] = em
-            return single, ""
-        key = self.match_key()
-        root = Path(self.cfg.paths.output_dir).expanduser()
-        best = None
-        for p in root.rglob("metrics.json") if root.exists() else []:
-            try:
-                m = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if m.get("mode") != "single" or m.get("match_key") != key:
-                continue
-            if not all(t in m.get("single_scores", {}) for t in tasks):
-                continue
-            if best is None or p.stat().st_mtime > best[0]:
-                best = (p.stat().st_mtime, p, m)
-        if best is None:
-            return None, (f"no single-mode run with the same model, method, seed, data caps "
-                          f"and epochs under {root}; run training_mode=single first or set "
-                          "training_mode.single_results")
-        single = dict(best[2]["single_scores"])
-        single["_source"] = str(best[1])
-        single["single_exact_match"] = best[2].get("single_exact_match")
-        return single, ""
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
+    def _run_stage(self, model, method, i: int, stage: Stage, progress: Dict,
+                   final: bool) -> None:
+        data = [self.train_examples[t] for t in stage.train_tasks]
+        t0 = time.perf_counter()
+        sync_rng()  # a method drawing random numbers at a task boundary (a new branch's
+        method.on_stage_start(model, i, stage.name, data)  # init) draws the same on all ranks
+        summary = self.train_stage(model, method, i, stage, progress)
+        sync_rng()
+        method.on_stage_end(model, i, stage.name, data)
+        t_train = time.perf_counter() - t0
+        slice_loss = self.target_loss(model) if self.cfg.trainer.step0_examples else None
+        self.checkpoint_stage(model, method, i)
+        t1 = time.perf_counter()
+        scores = self.evaluate(model, method, i, stage, final=final,
+                               step=progress["global_step"] + summary["steps"])
+        progress["results"][stage.name] = scores
+        progress["timing"][stage.name] = {"train_s": t_train,
+                                          "eval_s": time.perf_counter() - t1,
+                                          "train_steps": summary["steps"],
+                                          "train_tokens": summary["tokens"],
+                                          "first_loss": summary["first_loss"],
+                                          "last_loss": summary["last_loss"],
+                                          "slice_loss_after": slice_loss}
+        if slice_loss is not None and "target_loss" in progress:
+            progress["target_loss"]["final"] = slice_loss
+        progress["completed"].append(stage.name)
+        progress["global_step"] += summary["steps"]
+        self.rundir.save_progress(progress)
+        self.rundir.drop_stale(i)

@@ -15,18 +15,26 @@ minimising it pushes the matched group's weight *down* (Q proportional to 1/I).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
+from badit_exp import dist as D
 from badit_exp.config import ConfigError
+from badit_exp.io_utils import atomic_write_json
 from badit_exp.methods.base import Method, MethodConfig
-from badit_exp.methods.moe.layer import (FUNCTION_PRESERVING, ROUTER_POOLS, ROUTER_TYPES,
-                                         MoLoRALinear, RoutingContext, attach_routing_hook,
-                                         replace_linears)
+from badit_exp.methods.moe.layer import (
+    FUNCTION_PRESERVING,
+    ROUTER_POOLS,
+    ROUTER_TYPES,
+    MoLoRALinear,
+    RoutingContext,
+    attach_routing_hook,
+    replace_linears,
+)
 from badit_exp.methods.registry import register
+from badit_exp.plotting import router_usage
 
 
 @dataclass
@@ -170,8 +178,6 @@ class MoLoRA(Method):
     def end_eval(self, task: str) -> None:
         self.ctx.record = False
         # evaluation is sharded over ranks: sum the statistics of every shard
-        from badit_exp.training import distributed as D
-
         K = self.cfg.num_experts
         flat = D.all_reduce_sum([x for l in self.layers.values()
                                  for x in [*l.stats_sum.tolist(), float(l.stats_n)]])
@@ -181,8 +187,6 @@ class MoLoRA(Method):
             per_layer[n] = [v / max(row[K], 1) for v in row[:K]]
         self.router_stats.setdefault(self.stage_name, {})[task] = per_layer
         if self.run_dir is not None:
-            from badit_exp.io_utils import atomic_write_json
-
             atomic_write_json(self.run_dir / "router_stats.json",
                               {"top_k": self.cfg.top_k, "num_experts": self.cfg.num_experts,
                                "stages": self.router_stats})
@@ -195,8 +199,6 @@ class MoLoRA(Method):
         stats = self.router_stats.get(stage_name)
         if not stats or self.run_dir is None:
             return
-        from badit_exp.plotting import router_usage
-
         last = list(self.layers)[-1]
         tasks = list(stats)
         router_usage(self.run_dir / f"router_usage_{stage_name}.png", tasks,

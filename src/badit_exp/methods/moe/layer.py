@@ -42,7 +42,7 @@ Options (SPEC 5.2; each a ``method.*`` key):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
@@ -77,6 +77,19 @@ class MoLoRALinear(nn.Module):
                  dropout: float, router_type: str, top_k: int, ctx: RoutingContext,
                  router_pool: str = "prompt", router_trainable: bool = True,
                  expert_dropout: bool = True, function_preserving: str = "none"):
+        """Args:
+            base: the frozen linear layer to adapt (kept whole; its output is added to).
+            num_experts, rank, alpha: K experts of rank r, scaling alpha / r.
+            dropout: dropout on the expert path's input (if ``expert_dropout``).
+            router_type: sequence | token | scalar (see the module docstring).
+            top_k: experts kept per routing decision (renormalised softmax over them).
+            ctx: the routing context shared by all layers (prompt mask, statistics switches).
+            router_pool: what a sequence router reads: prompt (masked prompt mean) | sequence.
+            router_trainable: false freezes the router at its random init (released code).
+            expert_dropout: false: no dropout on the expert path (released code).
+            function_preserving: none | anchor | scaled_gates (exact pre-trained function at
+                step 0; see the module docstring).
+        """
         super().__init__()
         if router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type={router_type!r}; choose one of {ROUTER_TYPES}")
