@@ -51,7 +51,15 @@ CONFIGS = {
     "badit_dog_every_step_sync": ["method=badit", "method.dog.every_n_steps=1",
                                   "method.dog.at_epoch_end=false", "method.dog.until_fraction=1.0",
                                   "method.dog.overlap=off"],
+    # the mixture family: released recipes and at BADIT's budget (conf/method/*_k8.yaml)
+    "hydralora": ["method=hydralora"],
+    "hydralora_k8": ["method=hydralora_k8"],
+    "mola": ["method=mola"],
+    "mola_k8": ["method=mola_k8"],
+    "mixlora": ["method=mixlora"],
+    "mixlora_k8": ["method=mixlora_k8"],
 }
+MIXTURES = ["hydralora", "hydralora_k8", "mola", "mola_k8", "mixlora", "mixlora_k8"]
 
 
 def build(name, model_name, cache, device, steps_per_epoch, batch_size, extra=()):
@@ -174,6 +182,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps-per-epoch", type=int, default=30)
+    p.add_argument("--only", default="", help="comma-separated subset of the configurations "
+                   "(lora and loramoe always run: the ratios' references)")
     p.add_argument("--override", action="append", default=[],
                    help="extra Hydra override for every config, e.g. model.tiny.hidden_size=1024")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -181,10 +191,11 @@ def main():
     p.add_argument("--cache", default=str(REPO / ".cache" / "badit_exp"))
     a = p.parse_args()
     device = torch.device(a.device)
+    names = [n for n in CONFIGS if not a.only or n in {"lora", "loramoe", *a.only.split(",")}]
     runs = {n: build(n, a.model, Path(a.cache), device, a.steps_per_epoch, a.batch_size,
-                     a.override) for n in CONFIGS}
+                     a.override) for n in names}
     data = batches(runs["lora"]["tok"], Path(a.data), a.steps + a.warmup, a.batch_size, a.seq_len)
-    times = {n: [] for n in CONFIGS}
+    times = {n: [] for n in names}
     for _ in range(a.rounds):
         for n, run in runs.items():
             for k, b in enumerate(data):
@@ -193,24 +204,27 @@ def main():
                     times[n].append(dt)
     res = {n: {"median_s": statistics.median(t), "mean_s": statistics.mean(t), "n": len(t)}
            for n, t in times.items()}
-    regroup_s, grads = dog_cost(runs["badit"], data[0], device)
+    ratios = {"loramoe/lora (median)": res["loramoe"]["median_s"] / res["lora"]["median_s"]}
+    for n in ("badit", "badit_dog_every_step", "badit_dog_every_step_sync"):
+        if n in res:  # DOG's cost is amortised over the epoch: the mean
+            ratios[f"{n}/loramoe (mean)"] = res[n]["mean_s"] / res["loramoe"]["mean_s"]
+    for n in MIXTURES:
+        if n in res:
+            ratios[f"{n}/loramoe (median)"] = res[n]["median_s"] / res["loramoe"]["median_s"]
+    params = {n: sum(p.numel() for p in r["model"].parameters() if p.requires_grad)
+              for n, r in runs.items()}
     out = {
-        "model": a.model, "overrides": a.override, "device": str(device), "batch_size": a.batch_size, "seq_len": a.seq_len,
+        "model": a.model, "overrides": a.override, "device": str(device),
+        "batch_size": a.batch_size, "seq_len": a.seq_len,
         "steps_per_epoch_for_default_schedule": a.steps_per_epoch,
-        "step_time": res,
-        "ratios": {
-            "loramoe/lora (median)": res["loramoe"]["median_s"] / res["lora"]["median_s"],
-            "badit_default/loramoe (mean)": res["badit"]["mean_s"] / res["loramoe"]["mean_s"],
-            "badit_dog_every_step/loramoe (mean)":
-                res["badit_dog_every_step"]["mean_s"] / res["loramoe"]["mean_s"],
-            "badit_dog_every_step_sync/loramoe (mean)":
-                res["badit_dog_every_step_sync"]["mean_s"] / res["loramoe"]["mean_s"],
-        },
-        "dog_regroup_all_layers_s": regroup_s,
-        "dog_layers": int(grads.shape[0]),
-        "dog_assign_vs_reference_kmeans": versus_sklearn(grads, runs["badit"]["method"].cfg.num_experts),
-        "provenance": provenance.collect(),
+        "step_time": res, "ratios": ratios, "trainable_parameters": params,
     }
+    if "badit" in runs:
+        regroup_s, grads = dog_cost(runs["badit"], data[0], device)
+        out.update(dog_regroup_all_layers_s=regroup_s, dog_layers=int(grads.shape[0]),
+                   dog_assign_vs_reference_kmeans=versus_sklearn(
+                       grads, runs["badit"]["method"].cfg.num_experts))
+    out["provenance"] = provenance.collect()
     print(json.dumps(out, indent=2))
 
 

@@ -16,7 +16,8 @@ from badit_exp.methods.badit import (
     group_angles,
     permutation_from_assignment,
 )
-from badit_exp.methods.moe.layer import MoLoRALinear, RoutingContext
+from badit_exp.methods.moe.layer import MoLoRALinear, RouterSpec
+from badit_exp.methods.moe.routing import RoutingContext
 from badit_exp.models import load_model_and_tokenizer, resolve_device
 from conftest import CACHE, compose_cfg
 
@@ -25,7 +26,7 @@ def _layer(router="sequence", K=4, r=2, d_in=16, d_out=12, dtype=torch.float32):
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out, bias=False).to(dtype)
     W0 = base.weight.detach().clone()
-    return MoLoRALinear(base, K, r, 32.0, 0.0, router, K, RoutingContext()), W0
+    return MoLoRALinear(base, K, r, 32.0, 0.0, RouterSpec(router, K), RoutingContext()), W0
 
 
 # ----------------------------------------------------------------------------- BAD
@@ -111,7 +112,7 @@ def test_reference_config_is_the_released_code():
         assert isinstance(l.dropout, nn.Identity)  # dropout 0.05 configured, never applied
         assert float(l.router_weight.abs().sum()) > 0
     state = m.state_dict(model)
-    assert any(k.endswith("router_weight") for k in state)  # the frozen router is checkpointed
+    assert any(k.endswith("router.weight") for k in state)  # the frozen router is checkpointed
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -128,7 +129,7 @@ def test_bad_badit_options_are_clear_errors(bad, msg):
 
 def test_router_pool_sequence_averages_every_non_padding_token():
     layer, _ = _layer(router="sequence")
-    layer.router_pool = "sequence"
+    layer.router.pool = "sequence"
     x = torch.randn(2, 5, 16)
     am = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     layer.ctx.prompt_mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
@@ -136,7 +137,7 @@ def test_router_pool_sequence_averages_every_non_padding_token():
     pooled = (x * am[..., None]).sum(1) / am.sum(1, keepdim=True)
     want = torch.softmax(pooled @ layer.router_weight.t(), -1)
     torch.testing.assert_close(layer.gates(x), want)
-    layer.router_pool = "prompt"
+    layer.router.pool = "prompt"
     pm = layer.ctx.prompt_mask
     want = torch.softmax(((x * pm[..., None]).sum(1) / pm.sum(1, keepdim=True)) @ layer.router_weight.t(), -1)
     torch.testing.assert_close(layer.gates(x), want)

@@ -15,6 +15,8 @@ from conftest import REPO, compose_cfg
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 MODES = sorted(p.stem for p in (REPO / "conf" / "training_mode").glob("*.yaml"))
+# methods whose YAML is another paper's released recipe (METHODS_NEXT.md), not SPEC's budget
+RELEASED_RECIPES = {"mola", "mixlora", "mixlora_k8"}
 ORDERS = sorted(p.stem for p in (REPO / "conf" / "task_order").glob("*.yaml"))
 
 
@@ -33,7 +35,9 @@ def test_grid_composes(model, method, mode):
     cfg = validate(compose_cfg([f"model={model}", f"method={method}", f"training_mode={mode}"]))
     assert cfg.model.name == model and cfg.method.name == method
     assert cfg.training_mode.name == mode
-    assert cfg.method.rank == 4 and cfg.method.alpha == 32 and "gate_proj" in cfg.method.target_modules
+    if method not in RELEASED_RECIPES:  # SPEC section 4's adapter budget
+        assert cfg.method.rank == 4 and cfg.method.alpha == 32
+        assert "gate_proj" in cfg.method.target_modules
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -108,10 +108,10 @@ def test_reference_router_is_never_trained(tmp_path):
     base, _ = load_model_and_tokenizer(cfg.model, CACHE, resolve_device("cpu"))
     method = registry.build(cfg.method)
     method.apply(base)
-    keys = [k for k in end if k.endswith("router_weight")]
+    keys = [k for k in end if k.endswith("router.weight")]
     assert len(keys) == len(method.layers) > 0
     for name, layer in method.layers.items():
-        torch.testing.assert_close(end[f"{name}.router_weight"], layer.router_weight.detach(),
+        torch.testing.assert_close(end[f"{name}.router.weight"], layer.router_weight.detach(),
                                    atol=0, rtol=0)
     assert any(k.endswith("lora_B") and not torch.equal(end[k], dict(base.named_parameters())[k])
                for k in end if k.endswith("lora_B"))

@@ -1,4 +1,5 @@
-"""GPU-only checks (skipped without CUDA): bf16 training, BAD on a bf16 base, DOG on the device."""
+"""GPU-only checks (skipped without CUDA): bf16 training (the mixture family included), BAD on
+a bf16 base, DOG on the device, MixLoRA's sparse dispatch in bf16."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from conftest import TASKS3, run_tiny, tiny_overrides
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("method", ["lora", "badit"])
+@pytest.mark.parametrize("method", ["lora", "badit", "hydralora", "mola", "mixlora"])
 def test_bf16_training_on_gpu(tmp_path, method):
     m = run_tiny(tmp_path / "r", tiny_overrides(tmp_path, extra=[
         f"method={method}", "model.dtype=bfloat16", "trainer.precision=bf16", "trainer.device=cuda",
@@ -83,3 +84,30 @@ def test_overlapped_dog_on_gpu_equals_synchronous_one_step_later(tmp_path):
     perms = permutation_from_assignment(dog_assign(G, 8), 8)
     for l, b, perm in zip(layers.values(), before, perms):
         torch.testing.assert_close(l.lora_A.detach(), b[perm], atol=0, rtol=0)
+
+
+def test_mixlora_sparse_dispatch_equals_dense_on_cuda_bf16():
+    """The sparse path (gather, index_add_) in bf16 on the GPU against every expert densely."""
+    import torch.nn as nn
+
+    from badit_exp.methods.moe.mixlora import MixLoRAMLP
+    from badit_exp.methods.moe.routing import RoutingContext
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = nn.Linear(256, 512, bias=False)
+            self.up_proj = nn.Linear(256, 512, bias=False)
+            self.down_proj = nn.Linear(512, 256, bias=False)
+            self.act_fn = nn.SiLU()
+
+    torch.manual_seed(0)
+    mlp = MLP().cuda().to(torch.bfloat16).requires_grad_(False)
+    layer = MixLoRAMLP(mlp, 8, 2, 8, 16.0, 0.0, RoutingContext()).cuda()
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x).float(), layer.forward_dense(x).float(), atol=3e-2,
+                               rtol=3e-2)

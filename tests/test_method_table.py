@@ -34,7 +34,9 @@ class Row:
     # trainable parameters on tiny-llama (2 layers, d=64, ffn=128), by hand: a rank-4 LoRA on
     # gate_proj is 2 x (4*64 + 128*4) = 1536; K=8 experts + a 64->8 router 2 x (8*768 + 512);
     # Eq. 7's scalar router 8 alphas; badit_reference K=6, router frozen; loramoe_original also
-    # on up/down with token routers; gainlora B (128x4) + its gate MLP (64->100->64) + key
+    # on up/down with token routers; gainlora B (128x4) + its gate MLP (64->100->64) + key;
+    # hydralora one A per linear (gate/up/down, N=4); mola 2 and 6 experts (depth rule on 2
+    # layers) of r=8 on the 7 projections; mixlora 8 x r=8 LoRAs on gate/up/down + q/v LoRA
     trainable_tiny_llama: int
 
 
@@ -52,6 +54,12 @@ METHODS: Dict[str, Row] = {
     "badit_anchor": Row(False, True, True, 13312),
     "badit_wo_bad": Row(False, True, True, 13312),
     "badit_wo_dog": Row(False, True, True, 13312),
+    "hydralora": Row(False, True, True, 14336),
+    "hydralora_k8": Row(False, True, True, 9728),
+    "mola": Row(False, True, True, 69632),
+    "mola_k8": Row(False, True, True, 9984),
+    "mixlora": Row(False, True, True, 78336),
+    "mixlora_k8": Row(False, True, True, 10240),
 }
 ARCHS = ["tiny-llama", "tiny-qwen3", "tiny-gemma2"]
 CPU = resolve_device("cpu")

@@ -195,6 +195,13 @@ class BaditConfig(MoLoRAConfig):
         super().__post_init__()
         if self.init not in ("bad", "lora"):
             raise ConfigError(f"method.init={self.init!r}; choose bad or lora.")
+        if self.layout != "separate" or self.experts_per_layer or self.experts_by_depth:
+            raise ConfigError("BADIT regroups rank-1 components between experts of one shape: "
+                              "it needs method.layout=separate and the same method.num_experts "
+                              "in every layer (no experts_per_layer / experts_by_depth).")
+        if self.router == "dense" or self.switch_coef > 0:
+            raise ConfigError("BADIT routes with router=sequence|token|scalar and has no "
+                              "Switch loss (method.switch_coef=0).")
 
 
 @register("badit", BaditConfig)

@@ -61,6 +61,9 @@ class Method:
     """Base class with no-op hooks. Subclasses implement :meth:`apply`."""
 
     kind: str = "?"
+    # true: a training step may leave some trainable parameters without a gradient (sparse
+    # expert dispatch); DDP then runs with find_unused_parameters
+    skips_parameters: bool = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

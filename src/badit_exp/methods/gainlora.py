@@ -44,6 +44,7 @@ from badit_exp.io_utils import atomic_write_json
 from badit_exp.methods.access import as_access
 from badit_exp.methods.base import Method, MethodConfig
 from badit_exp.methods.moe.layer import replace_linears
+from badit_exp.methods.moe.routing import RoutingContext, attach_routing_hook
 from badit_exp.methods.registry import register
 from badit_exp.plotting import gate_table
 
@@ -236,7 +237,8 @@ class GainLora(Method):
         self.gate_table: Dict[str, Dict[str, List[float]]] = {}
         self.stage_name = ""
         self._training_task = False  # true between on_stage_start and on_stage_end
-        self._hook = model.register_forward_pre_hook(self._gate_hook, with_kwargs=True)
+        self.routing = RoutingContext()
+        self._hook = attach_routing_hook(model, self.routing, on_prefill=self._on_prefill)
         return model
 
     def describe(self):
@@ -244,32 +246,29 @@ class GainLora(Method):
                 "gates_at_generation": "computed once from the prompt, reused while decoding"}
 
     # -- gates --------------------------------------------------------------------------------
-    def _pooled(self, ids, am, labels=None):
-        m = am if am is not None else torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
-        if labels is not None:
-            m = m * (labels == -100).to(m.dtype)
+    def _pooled(self, ids, mask):
+        """Mean input embedding over ``mask`` (the prompt tokens; all tokens if None)."""
+        m = mask if mask is not None else torch.ones(ids.shape[:2], dtype=torch.long,
+                                                     device=ids.device)
         m = m.unsqueeze(-1).float()
         with torch.no_grad():
             e = self.embed(ids).float()
         return (e * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def _gate_hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        am = kwargs.get("attention_mask")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            return None  # decoding: keep the prompt's gates
+    def _on_prefill(self, rctx: RoutingContext) -> None:
+        """The shared routing hook's callback (not on KV-cached decoding steps, which keep the
+        prompt's gates): this forward's gates from the prompt's mean embedding."""
+        ids, am = rctx.input_ids, rctx.sequence_mask
         self.ctx.attention_mask = am
         if ids is None or self.tasks_done + (1 if self._training_task else 0) == 0:
             self.ctx.gates = None
-            return None
-        g = self.gates(self._pooled(ids, am, kwargs.get("labels")))
+            return
+        g = self.gates(self._pooled(ids, rctx.prompt_mask))
         if not self._training_task:
             g = g[:, :-1]  # between tasks: only trained branches exist
         self.ctx.gates = g
         if self.ctx.record is not None:
             self.ctx.record.append(g.detach().cpu())
-        return None
 
     # -- statistics ---------------------------------------------------------------------------
     def _batches(self, model, examples):
@@ -299,7 +298,7 @@ class GainLora(Method):
         sums = {"e": 0, "h": 0, "g": 0}
         n = 0
         for ids, am, labels in self._batches(model, examples):
-            e = self._pooled(ids, am, labels)
+            e = self._pooled(ids, am * (labels == -100).to(am.dtype))  # the prompt tokens
             h, g = self.gates.parts(e, self.gates.W1, self.gates.W2)
             for k, v in (("e", e), ("h", h), ("g", g)):
                 sums[k] = sums[k] + v.double().t() @ v.double()

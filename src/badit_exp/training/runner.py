@@ -209,8 +209,10 @@ class Runner:
                  self.cfg.model.name, self.cfg.method.name, n_train, n_all, 100 * n_train / n_all)
         return model, method
 
-    def make_engine(self, model, total_steps: int) -> E.Engine:
-        """The stage's engine from ``trainer`` and ``distributed`` (flat arguments)."""
+    def make_engine(self, model, total_steps: int, skips_parameters: bool = False) -> E.Engine:
+        """The stage's engine from ``trainer`` and ``distributed`` (flat arguments);
+        ``skips_parameters``: the method may leave parameters without a gradient in a step
+        (sparse dispatch), which DDP must be told."""
         t, d = self.cfg.trainer, self.cfg.distributed
         optim = E.Optim(lr=t.lr, weight_decay=t.weight_decay, lr_scheduler=t.lr_scheduler,
                         warmup_ratio=t.warmup_ratio, grad_accum_steps=t.grad_accum_steps,
@@ -218,7 +220,8 @@ class Runner:
         ds = (ds_config_for(t, d, D.world_size(), self.autocast_dtype == torch.bfloat16)
               if d.name == "zero2" else None)
         return E.build_engine(model, d.name, optim, total_steps, device=self.device,
-                              find_unused_parameters=d.find_unused_parameters, ds_config=ds,
+                              find_unused_parameters=d.find_unused_parameters or skips_parameters,
+                              ds_config=ds,
                               config_path=self.run_dir / "deepspeed_config.json")
 
     # ------------------------------------------------------------------------------ steps
@@ -245,7 +248,8 @@ class Runner:
 
         t = self.cfg.trainer
         trainer = StageTrainer(
-            model, method, examples, make_engine=lambda n: self.make_engine(model, n),
+            model, method, examples,
+            make_engine=lambda n: self.make_engine(model, n, method.skips_parameters),
             epochs=t.epochs, batch_size=t.per_device_batch_size,
             grad_accum_steps=t.grad_accum_steps, seed=self.cfg.seed, stage_index=i,
             stage_name=stage.name, pad_id=self.tok.pad_token_id, device=self.device,
