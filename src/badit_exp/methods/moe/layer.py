@@ -168,8 +168,8 @@ class MoLoRALinear(RouterStats, nn.Module):
             self._record(g, self.router.level, self.ctx.reuse)
         if self.ctx.keep_gates and self.training:
             self.last_gates = g
-        gr = g.repeat_interleave(self.rank, dim=-1)
-        if gr.dim() == 2:
+        gr = g.repeat_interleave(self.rank, dim=-1) if self.layout == "separate" else None
+        if gr is not None and gr.dim() == 2:
             gr = gr.unsqueeze(1)
         if self.function_preserving == "anchor":  # [A; A0] and [B, -B0]: one matmul each
             xd = self.dropout(x).to(self.lora_A.dtype)
@@ -177,8 +177,12 @@ class MoLoRALinear(RouterStats, nn.Module):
             h = h * gr.repeat(*([1] * (gr.dim() - 1)), 2).to(h.dtype)
             return y + (self.scaling * F.linear(
                 h, torch.cat([self.lora_B, -self.lora_B0.to(h.dtype)], 1))).to(y.dtype)
-        h = self.hidden(x)
-        h = h * gr.to(h.dtype)  # gates are float32; keep h in the experts' dtype
+        if self.layout == "shared_a":  # gated copies of the one hidden: g_k h, (..., K*r)
+            hs = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+            gg = g if g.dim() == hs.dim() else g.unsqueeze(1)
+            h = (gg.to(hs.dtype).unsqueeze(-1) * hs.unsqueeze(-2)).flatten(-2)
+        else:
+            h = self.hidden(x) * gr.to(self.lora_A.dtype)  # gates are float32: keep the experts'
         return y + (self.scaling * F.linear(h, self.lora_B)).to(y.dtype)
 
     # -- components -------------------------------------------------------------------------
