@@ -22,7 +22,7 @@ LAYERS = [
     ["methods"],  # adapters, the engine protocol they use (methods.access)
     ["training"],  # engines, the stage loop, the runner
     ["compose"],  # ConfigStore + validation (needs the method registry)
-    ["train", "report", "analyze", "__main__"],  # entry points
+    ["train", "report", "analyze", "params", "__main__"],  # entry points
 ]
 
 

@@ -194,3 +194,15 @@ def test_mid_stage_resume_is_bit_identical(name, superni):
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+
+
+def test_the_params_tool_counts_on_the_meta_device_what_a_run_trains():
+    """`python -m badit_exp.params` builds on the meta device: the same counts as the real
+    tiny model for every row, and LoRA on Qwen3-8B by hand: 36 x 4 x (4096 + 12288)."""
+    from badit_exp.params import count
+
+    for name, row in METHODS.items():
+        assert count("tiny-llama", name)["trainable"] == row.trainable_tiny_llama, name
+    q = count("qwen3-8b", "lora")
+    assert q["trainable"] == 36 * 4 * (4096 + 12288) and q["mergeable"] and not q["needs_task_id"]
+    assert count("qwen3-8b", "badit_paper")["mergeable"] and not count("tiny-llama", "badit")["mergeable"]

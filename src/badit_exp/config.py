@@ -59,6 +59,9 @@ class ModelConfig:
     hub_id: Optional[str] = None
     arch: Optional[str] = None
     tiny: Dict[str, Any] = field(default_factory=dict)
+    # the architecture's config.json keys (model_type included), for `python -m badit_exp.params`
+    # when the hub is unreachable; never used to load weights
+    shape: Dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
     dtype: str = "auto"  # auto = bfloat16 on a CUDA device with bf16 support, else float32
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (GPU only)

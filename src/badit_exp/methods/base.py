@@ -64,6 +64,7 @@ class Method:
     # true: a training step may leave some trainable parameters without a gradient (sparse
     # expert dispatch); DDP then runs with find_unused_parameters
     skips_parameters: bool = False
+    needs_task_id: bool = False  # the forward pass needs the task id at test time
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -81,6 +82,11 @@ class Method:
             The adapted model (the same object or a wrapper, e.g. PEFT's).
         """
         raise NotImplementedError
+
+    def mergeable(self) -> bool:
+        """Whether the trained adapter can be folded into the base weights (a fixed
+        weight update, not one that depends on the input)."""
+        return False
 
     def describe(self) -> Dict[str, Any]:
         """Which variant runs, recorded in metrics.json."""

@@ -86,6 +86,9 @@ class OLoraLinear(nn.Module):
 
 @register("o_lora", OLoraConfig)
 class OLora(Method):
+    def mergeable(self) -> bool:
+        return True  # the sum of every task's B A
+
     def apply(self, model):
         c = self.cfg
         self.layers: Dict[str, OLoraLinear] = replace_linears(

@@ -35,6 +35,9 @@ class PeftLoraConfig(MethodConfig):
 
 @register("peft_lora", PeftLoraConfig)
 class PeftLora(Method):
+    def mergeable(self) -> bool:
+        return True  # W + s B A (PEFT's merge_and_unload)
+
     """A single PEFT LoRA adapter on ``target_modules``."""
 
     def apply(self, model):

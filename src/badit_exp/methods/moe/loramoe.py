@@ -185,6 +185,10 @@ class MoLoRA(Method):
         self._hook = attach_routing_hook(model, self.ctx)
         return model
 
+    def mergeable(self) -> bool:
+        """Only static gates give a fixed update (Eq. 7's scalar router)."""
+        return self.cfg.router == "scalar"
+
     def describe(self):
         c = self.cfg
         return {"kind": self.kind, "num_experts": c.num_experts, "top_k": c.top_k,

@@ -191,6 +191,9 @@ class MixLoRA(MoLoRA):
 
     skips_parameters = True  # an expert that no token of the step chose gets no gradient
 
+    def mergeable(self) -> bool:
+        return False  # the experts depend on the input
+
     def apply(self, model):
         c = self.cfg
         self.layers: Dict[str, nn.Module] = replace_modules(
