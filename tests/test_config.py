@@ -16,7 +16,7 @@ MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 MODES = sorted(p.stem for p in (REPO / "conf" / "training_mode").glob("*.yaml"))
 # methods whose YAML is another paper's released recipe (METHODS_NEXT.md), not SPEC's budget
-RELEASED_RECIPES = {"mola", "mixlora", "mixlora_k8"}
+RELEASED_RECIPES = {"mola", "mixlora", "mixlora_k8", "mtl_lora"}
 ORDERS = sorted(p.stem for p in (REPO / "conf" / "task_order").glob("*.yaml"))
 
 

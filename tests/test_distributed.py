@@ -224,7 +224,7 @@ def test_zero2_killed_run_resumes_to_the_same_adapter(ddp_run, tmp_path, superni
     ("lora", "ddp"), ("pissa", "ddp"), ("loramoe_original", "ddp"), ("gainlora", "ddp"),
     ("o_lora", "ddp"), ("badit", "zero2"), ("gainlora", "zero2"),
     ("hydralora", "ddp"), ("hydralora", "zero2"), ("mola", "ddp"), ("mola", "zero2"),
-    ("mixlora", "ddp"), ("mixlora", "zero2")])
+    ("mixlora", "ddp"), ("mixlora", "zero2"), ("mtl_lora", "ddp"), ("mtl_lora", "zero2")])
 def test_every_method_trains_sequentially_in_parallel(method, dist, tmp_path, superni):
     """Each method's hooks (balancing loss, growing branches, projected gate updates) run under
     DDP / ZeRO-2 over several stages (a new engine per stage), replicas stay identical, and rank

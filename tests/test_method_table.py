@@ -36,7 +36,8 @@ class Row:
     # Eq. 7's scalar router 8 alphas; badit_reference K=6, router frozen; loramoe_original also
     # on up/down with token routers; gainlora B (128x4) + its gate MLP (64->100->64) + key;
     # hydralora one A per linear (gate/up/down, N=4); mola 2 and 6 experts (depth rule on 2
-    # layers) of r=8 on the 7 projections; mixlora 8 x r=8 LoRAs on gate/up/down + q/v LoRA
+    # layers) of r=8 on the 7 projections; mixlora 8 x r=8 LoRAs on gate/up/down + q/v LoRA;
+    # mtl_lora on q/k/v/o, r=8, 3 tasks: A 8*in + 3 Lambdas 8x8 + 3x3 mixing + 3 B's out x 8
     trainable_tiny_llama: int
 
 
@@ -60,6 +61,7 @@ METHODS: Dict[str, Row] = {
     "mola_k8": Row(False, True, True, 9984),
     "mixlora": Row(False, True, True, 78336),
     "mixlora_k8": Row(False, True, True, 10240),
+    "mtl_lora": Row(True, True, False, 14920),
 }
 ARCHS = ["tiny-llama", "tiny-qwen3", "tiny-gemma2"]
 CPU = resolve_device("cpu")
@@ -102,9 +104,11 @@ def _trainer(cfg, model, method, examples, save=None):
                         checkpoint_every_steps=2, save_checkpoint=save)
 
 
-def _logits(model, tok, examples):
+def _logits(model, tok, examples, method=None):
     model.eval()
     batch = collate_train(examples[:3], tok.pad_token_id)
+    if method is not None:
+        method.before_forward(model, batch)  # e.g. the task id (MTL-LoRA)
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
@@ -140,7 +144,7 @@ def test_apply_and_forward_on_every_tiny_architecture(name, arch, superni):
     ref = _logits(base, tok, examples)
     _, model, method, _ = _build(name, arch)
     method.on_stage_start(model, 0, "mixed", [examples])
-    out = _logits(model, tok, examples)
+    out = _logits(model, tok, examples, method)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     if row.exact_at_init:
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -160,13 +164,13 @@ def test_save_and_reload_gives_the_same_function(name, superni):
                       last_of_epoch=False)
         tr.pos.step += 1
     state = method.state_dict(model)
-    trained = _logits(model, tok, examples)
+    trained = _logits(model, tok, examples, method)
     # rebuilt as training.export.load_trained does: the same seed, then the saved state
     _, model2, method2, _ = _build(name)
     method2.on_stage_start(model2, 0, "mixed", [examples])
-    assert not torch.equal(_logits(model2, tok, examples), trained)  # the load must matter
+    assert not torch.equal(_logits(model2, tok, examples, method2), trained)  # the load matters
     method2.load_state_dict(model2, state)
-    torch.testing.assert_close(_logits(model2, tok, examples), trained, atol=0, rtol=0)
+    torch.testing.assert_close(_logits(model2, tok, examples, method2), trained, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -202,7 +206,7 @@ def test_the_params_tool_counts_on_the_meta_device_what_a_run_trains():
     from badit_exp.params import count
 
     for name, row in METHODS.items():
-        assert count("tiny-llama", name)["trainable"] == row.trainable_tiny_llama, name
+        assert count("tiny-llama", name, ["scale=tiny"])["trainable"] == row.trainable_tiny_llama, name
     q = count("qwen3-8b", "lora")
     assert q["trainable"] == 36 * 4 * (4096 + 12288) and q["mergeable"] and not q["needs_task_id"]
     assert count("qwen3-8b", "badit_paper")["mergeable"] and not count("tiny-llama", "badit")["mergeable"]

@@ -8,6 +8,7 @@ from badit_exp.methods import (  # noqa: F401
     badit,
     gainlora,
     moe,
+    mtl_lora,
     o_lora,
     peft_lora,
     registry,  # noqa: F401

@@ -107,6 +107,11 @@ class Method:
         """The stage finished training (before its evaluation); arguments as
         :meth:`on_stage_start`."""
 
+    def before_forward(self, model, batch) -> None:
+        """Before every training (and target-loss) forward, with the collated batch: a method
+        that needs the task id reads ``batch["task_index"]`` here (evaluation names the task
+        through :meth:`start_eval`)."""
+
     def extra_loss(self, model, batch) -> Optional[torch.Tensor]:
         """A term added to the micro-batch's cross-entropy (None: nothing).
 

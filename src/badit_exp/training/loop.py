@@ -168,6 +168,7 @@ class StageTrainer:
         losses, tokens = [], []
         for k, batch in enumerate(micro_batches):
             inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+            method.before_forward(model, batch)
             with self.amp:
                 loss = engine.forward(**inputs).loss
                 extra = method.extra_loss(model, batch)

@@ -155,8 +155,9 @@ class Runner:
         return out[:n]
 
     @torch.no_grad()
-    def target_loss(self, model) -> Optional[float]:
-        """Mean target-token cross-entropy of ``model`` on :meth:`loss_slice` (eval mode)."""
+    def target_loss(self, model, method=None) -> Optional[float]:
+        """Mean target-token cross-entropy of ``model`` on :meth:`loss_slice` (eval mode);
+        ``method`` gets each batch first (:meth:`Method.before_forward`, e.g. the task id)."""
         examples = self.loss_slice()
         if not examples:
             return None
@@ -167,8 +168,11 @@ class Runner:
         total, count = 0.0, 0
         bs = self.cfg.trainer.per_device_batch_size
         for i in range(0, len(examples), bs):
-            batch = collate_train(examples[i: i + bs], self.tok.pad_token_id)
-            batch = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+            full = collate_train(examples[i: i + bs], self.tok.pad_token_id)
+            full = {k: v.to(self.device) for k, v in full.items()}
+            if method is not None:
+                method.before_forward(model, full)
+            batch = {k: full[k] for k in ("input_ids", "attention_mask", "labels")}
             n_tok = int((batch["labels"][:, 1:] != -100).sum())
             with amp:
                 loss = model(**batch).loss
@@ -194,7 +198,7 @@ class Runner:
         method.task_names = list(self.cfg.data.tasks)
         model = method.apply(base)
         if measure_step0 and pre is not None:
-            start = self.target_loss(model)
+            start = self.target_loss(model, method)
             self.step0 = {"pretrained": pre, "step0": start, "examples": len(self.loss_slice())}
             log.info("target loss on %d training examples: pre-trained %.4f, %s at step 0 %.4f",
                      self.step0["examples"], pre, self.cfg.method.name, start)
@@ -344,7 +348,8 @@ class Runner:
         sync_rng()
         method.on_stage_end(model, i, stage.name, data)
         t_train = time.perf_counter() - t0
-        slice_loss = self.target_loss(model) if self.cfg.trainer.step0_examples else None
+        slice_loss = (self.target_loss(model, method) if self.cfg.trainer.step0_examples
+                      else None)
         self.checkpoint_stage(model, method, i)
         t1 = time.perf_counter()
         scores = self.evaluate(model, method, i, stage, final=final,
