@@ -32,7 +32,7 @@ endif
 # Hydra wants -m before the overrides; the experiment's sweep writes under $(OUT)/<experiment>
 SWEEP  = $(LAUNCH) -m experiment=$(1) $(DIST_ARGS) model=$(MODEL) scale=$(SCALE) seed=$(SEEDS)
 
-.PHONY: help install lint run test test-all clean table1 table2 table3 table_mixtures fig4 fig12 study
+.PHONY: help install lint run test test-all clean table1 table2 table3 table_mixtures table_interference fig4 fig12 study
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -75,6 +75,10 @@ table2: install ## Table 2: BADIT ablations (w/o BAD, w/o DOG, LoRAMoE) x single
 table_mixtures: install ## the mixture-of-LoRA family at BADIT's budget: BADIT, LoRAMoE, HydraLoRA, MoLA, MixLoRA x mixed/sequential (conf/experiment/table_mixtures.yaml)
 	$(call SWEEP,table_mixtures)
 	$(PY) -m badit_exp.report $(OUT)/table_mixtures
+
+table_interference: install ## cross-task interference at BADIT's budget: LoRA, LoRAMoE, BADIT, HydraLoRA, mtLoRA, LoRI, MTL-LoRA x mixed/sequential (conf/experiment/table_interference.yaml)
+	$(call SWEEP,table_interference)
+	$(PY) -m badit_exp.report $(OUT)/table_interference
 
 table3: ## Table 3: training time relative to LoRAMoE, from the table1/table2 runs' own timings
 	$(PY) -m badit_exp.report --timing $(OUT)/table1 $(OUT)/table2 --out $(OUT)/table3

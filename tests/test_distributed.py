@@ -224,7 +224,8 @@ def test_zero2_killed_run_resumes_to_the_same_adapter(ddp_run, tmp_path, superni
     ("lora", "ddp"), ("pissa", "ddp"), ("loramoe_original", "ddp"), ("gainlora", "ddp"),
     ("o_lora", "ddp"), ("badit", "zero2"), ("gainlora", "zero2"),
     ("hydralora", "ddp"), ("hydralora", "zero2"), ("mola", "ddp"), ("mola", "zero2"),
-    ("mixlora", "ddp"), ("mixlora", "zero2"), ("mtl_lora", "ddp"), ("mtl_lora", "zero2")])
+    ("mixlora", "ddp"), ("mixlora", "zero2"), ("mtl_lora", "ddp"), ("mtl_lora", "zero2"),
+    ("lori", "ddp"), ("lori", "zero2"), ("mtlora", "ddp"), ("mtlora", "zero2")])
 def test_every_method_trains_sequentially_in_parallel(method, dist, tmp_path, superni):
     """Each method's hooks (balancing loss, growing branches, projected gate updates) run under
     DDP / ZeRO-2 over several stages (a new engine per stage), replicas stay identical, and rank
@@ -237,6 +238,10 @@ def test_every_method_trains_sequentially_in_parallel(method, dist, tmp_path, su
     a, b = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len((run_dir / "scores.csv").read_text().splitlines()) == 1 + len(TASKS2)
+    if method == "lori":  # the masked entries never moved from their 0 under DDP / ZeRO-2
+        for k in (k for k in a if k.endswith(".lora_B")):
+            m = a[k.replace("lora_B", "lori_mask")]
+            assert torch.equal(a[k] * (1 - m), torch.zeros_like(a[k])) and (a[k] * m).any()
 
 
 @pytest.mark.parametrize("launcher,override,target", [

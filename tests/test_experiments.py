@@ -39,7 +39,7 @@ def sweep_points(name: str, extra=(), all_seeds: bool = True):
 
 
 def test_the_makefile_targets_have_experiment_files():
-    assert {"table1", "table2", "table_mixtures", "fig4", "fig12", "study_cpu"} <= set(EXPERIMENTS)
+    assert {"table1", "table2", "table_mixtures", "table_interference", "fig4", "fig12", "study_cpu"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -37,7 +37,9 @@ class Row:
     # on up/down with token routers; gainlora B (128x4) + its gate MLP (64->100->64) + key;
     # hydralora one A per linear (gate/up/down, N=4); mola 2 and 6 experts (depth rule on 2
     # layers) of r=8 on the 7 projections; mixlora 8 x r=8 LoRAs on gate/up/down + q/v LoRA;
-    # mtl_lora on q/k/v/o, r=8, 3 tasks: A 8*in + 3 Lambdas 8x8 + 3x3 mixing + 3 B's out x 8
+    # mtl_lora on q/k/v/o, r=8, 3 tasks: A 8*in + 3 Lambdas 8x8 + 3x3 mixing + 3 B's out x 8;
+    # lori: only B (A frozen), r=32 on the 7 projections: 32 x (64+32+32+64+128+128+64) x 2;
+    # mtlora beside each MLP (d=64, one group): A 16x64 + 16 B's 64x16 + router 64x16, x 2
     trainable_tiny_llama: int
 
 
@@ -62,6 +64,12 @@ METHODS: Dict[str, Row] = {
     "mixlora": Row(False, True, True, 78336),
     "mixlora_k8": Row(False, True, True, 10240),
     "mtl_lora": Row(True, True, False, 14920),
+    "lori": Row(True, True, False, 32768),
+    "mtlora": Row(False, True, True, 36864),
+    "mtlora_k8": Row(False, True, True, 16000),
+    "lora_r32": Row(False, True, False, 12288),
+    "lori_k8": Row(True, True, False, 8192),
+    "mtl_lora_k8": Row(True, True, False, 12680),
 }
 ARCHS = ["tiny-llama", "tiny-qwen3", "tiny-gemma2"]
 CPU = resolve_device("cpu")

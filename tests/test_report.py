@@ -105,7 +105,7 @@ def test_timing_ratios(tmp_path):
     assert rows["badit"]["ratio_vs_loramoe"] == pytest.approx(1.25)
 
 
-TARGETS = ["table1", "table2", "table_mixtures", "fig4", "fig12"]
+TARGETS = ["table1", "table2", "table_mixtures", "table_interference", "fig4", "fig12"]
 
 
 @pytest.mark.parametrize("target", TARGETS)

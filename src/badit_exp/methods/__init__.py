@@ -7,8 +7,10 @@ adds its import here (see README, "Adding a method").
 from badit_exp.methods import (  # noqa: F401
     badit,
     gainlora,
+    lori,
     moe,
     mtl_lora,
+    mtlora,
     o_lora,
     peft_lora,
     registry,  # noqa: F401

@@ -70,6 +70,8 @@ class Method:
         self.cfg = cfg
         self.run_dir = None  # set by the runner; where diagnostics go
         self.task_names: List[str] = []  # data.tasks, set by the runner (task_index order)
+        self.mode = ""  # training_mode.name, set by the runner
+        self.stages: List[str] = []  # the run's stage names, in order, set by the runner
 
     # -- building ---------------------------------------------------------------------------
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:

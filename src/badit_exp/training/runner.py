@@ -196,6 +196,7 @@ class Runner:
         method = registry.build(self.cfg.method)
         method.run_dir = self.run_dir if self.is_main else None  # diagnostics: rank 0 writes
         method.task_names = list(self.cfg.data.tasks)
+        method.mode, method.stages = self.cfg.training_mode.name, [s.name for s in self.stages]
         model = method.apply(base)
         if measure_step0 and pre is not None:
             start = self.target_loss(model, method)
