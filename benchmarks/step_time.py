@@ -58,7 +58,16 @@ CONFIGS = {
     "mola_k8": ["method=mola_k8"],
     "mixlora": ["method=mixlora"],
     "mixlora_k8": ["method=mixlora_k8"],
+    # block-level, sparse and task-aware adapters, released recipes and at BADIT's budget
+    "lora_r32": ["method=lora_r32"],
+    "mtlora": ["method=mtlora"],
+    "mtlora_k8": ["method=mtlora_k8"],
+    "lori": ["method=lori"],
+    "lori_k8": ["method=lori_k8"],
+    "mtl_lora": ["method=mtl_lora"],
+    "mtl_lora_k8": ["method=mtl_lora_k8"],
 }
+INTERFERENCE = ["lora_r32", "mtlora", "mtlora_k8", "lori", "lori_k8", "mtl_lora", "mtl_lora_k8"]
 MIXTURES = ["hydralora", "hydralora_k8", "mola", "mola_k8", "mixlora", "mixlora_k8"]
 
 
@@ -69,6 +78,7 @@ def build(name, model_name, cache, device, steps_per_epoch, batch_size, extra=()
     torch.manual_seed(0)
     base, tok = load_model_and_tokenizer(cfg.model, cache, device)
     method = registry.build(cfg.method)
+    method.task_names = list(cfg.data.tasks)  # task-aware methods size their per-task state
     model = method.apply(base)
     t = cfg.trainer
     optim = E.Optim(lr=t.lr, weight_decay=t.weight_decay, lr_scheduler=t.lr_scheduler,
@@ -88,9 +98,12 @@ def batches(tok, root, n, bs, seq):
     tasks = ["task363_sst2_polarity_classification", "task591_sciq_answer_generation",
              "task1510_evalution_relation_extraction", "task1572_samsum_summary"]
     ex = []
-    for t in tasks:
+    for i, t in enumerate(tasks):
         task = load_task(root, t, "train", n * bs)
-        ex += tokenize_task(task, tok, kind="train", max_seq_len=seq, max_new_tokens=50, seed=1)
+        part = tokenize_task(task, tok, kind="train", max_seq_len=seq, max_new_tokens=50, seed=1)
+        for e in part:
+            e["task_index"] = i  # MTL-LoRA reads it (one of data.tasks' first indices)
+        ex += part
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(ex), generator=g).tolist()
     return [collate_train([ex[i] for i in perm[k * bs:(k + 1) * bs]], tok.pad_token_id)
@@ -182,8 +195,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps-per-epoch", type=int, default=30)
-    p.add_argument("--only", default="", help="comma-separated subset of the configurations "
-                   "(lora and loramoe always run: the ratios' references)")
+    p.add_argument("--only", default="", help="comma-separated configurations or any "
+                   "conf/method names (lora and loramoe always run: the ratios' references)")
     p.add_argument("--override", action="append", default=[],
                    help="extra Hydra override for every config, e.g. model.tiny.hidden_size=1024")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -191,6 +204,8 @@ def main():
     p.add_argument("--cache", default=str(REPO / ".cache" / "badit_exp"))
     a = p.parse_args()
     device = torch.device(a.device)
+    extra = [n for n in a.only.split(",") if n and n not in CONFIGS]  # any conf/method name
+    CONFIGS.update({n: [f"method={n}"] for n in extra})
     names = [n for n in CONFIGS if not a.only or n in {"lora", "loramoe", *a.only.split(",")}]
     runs = {n: build(n, a.model, Path(a.cache), device, a.steps_per_epoch, a.batch_size,
                      a.override) for n in names}
@@ -211,6 +226,9 @@ def main():
     for n in MIXTURES:
         if n in res:
             ratios[f"{n}/loramoe (median)"] = res[n]["median_s"] / res["loramoe"]["median_s"]
+    for n in [*INTERFERENCE, *extra]:
+        if n in res:
+            ratios[f"{n}/lora (median)"] = res[n]["median_s"] / res["lora"]["median_s"]
     params = {n: sum(p.numel() for p in r["model"].parameters() if p.requires_grad)
               for n, r in runs.items()}
     out = {

@@ -109,3 +109,10 @@ def test_the_issue_cli_runs(tmp_path):
     assert json.loads((d / "metrics.json").read_text())["method_variant"]["task_id"]
     stages, tasks, A = M.read_matrix_csv(tmp_path / "seq" / "scores.csv")
     assert len(stages) == 3 and all(len(r) == 3 for r in A)
+
+
+@pytest.mark.parametrize("method", ["mtl_lora", "lori"])
+def test_single_mode_runs(tmp_path, method, superni):
+    m = run_tiny(tmp_path / "single", tiny_overrides(tmp_path, tasks=TASKS3[:2], extra=[
+        f"method={method}", "training_mode=single", "trainer.epochs=1"]))
+    assert set(m["single_scores"]) == set(TASKS3[:2])
