@@ -61,3 +61,36 @@ def run_tiny(run_dir: Path, overrides: List[str]):
 
     cfg = compose_cfg(overrides)
     return Runner(validate(cfg), run_dir).run()
+
+
+@pytest.fixture
+def stage_states(monkeypatch):
+    """{stage index: the method's state_dict at that stage's checkpoint}, filled as a run goes."""
+    from badit_exp.training import runner as runner_mod
+
+    states = {}
+    orig = runner_mod.Runner.checkpoint_stage
+
+    def spy(self, model, method, i):
+        states[i] = {k: v.clone() for k, v in method.state_dict(model).items()}
+        return orig(self, model, method, i)
+
+    monkeypatch.setattr(runner_mod.Runner, "checkpoint_stage", spy)
+    return states
+
+
+def run_cli(run_dir: Path, method: str, extra=(), tasks=TASKS3):
+    """The issues' check command (`python -m badit_exp.train model=tiny-llama method=<m>
+    data.max_train_per_task=8 data.max_eval_per_task=4 ...`) as a subprocess; its metrics."""
+    import json
+    import subprocess
+    import sys
+
+    over = ["model=tiny-llama", f"method={method}", "data.max_train_per_task=8",
+            "data.max_eval_per_task=4", f"data.root={SUPERNI}", f"paths.cache_dir={CACHE}",
+            f"data.tasks=[{','.join(tasks)}]", "data.max_new_tokens=4", "trainer.epochs=1",
+            *extra, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run([sys.executable, "-m", "badit_exp.train", *over], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((Path(run_dir) / "metrics.json").read_text())

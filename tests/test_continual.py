@@ -35,15 +35,8 @@ def test_o_lora_loss_terms_hand_computed():
     assert torch.equal(layer.lora_B, torch.zeros(2, 1))  # reset after appending
 
 
-def test_o_lora_previous_pair_holds_task1_unchanged(tmp_path, monkeypatch):
-    captured = {}
-    orig = runner_mod.Runner.checkpoint_stage
-
-    def spy(self, model, method, i):
-        captured[i] = {k: v.clone() for k, v in method.state_dict(model).items()}
-        return orig(self, model, method, i)
-
-    monkeypatch.setattr(runner_mod.Runner, "checkpoint_stage", spy)
+def test_o_lora_previous_pair_holds_task1_unchanged(tmp_path, stage_states):
+    captured = stage_states
     m = run_tiny(tmp_path / "r", tiny_overrides(tmp_path, tasks=TASKS3[:2], extra=SEQ + ["method=o_lora"]))
     s0, s1 = captured[0], captured[1]
     for k in s0:

@@ -1,9 +1,6 @@
 """LoRI: seeded frozen A, global magnitude mask after calibration, masked entries that never
 move, disjoint masks for sequential tasks, the two-run form, the issue's CLI runs."""
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,29 +8,16 @@ from safetensors.torch import load_file
 
 from badit_exp import metrics as M
 from badit_exp.config import ConfigError
-from badit_exp.training import runner as runner_mod
-from conftest import CACHE, REPO, SUPERNI, TASKS3, run_tiny, tiny_overrides
-
-
-def _spy(monkeypatch):
-    states = {}
-    orig = runner_mod.Runner.checkpoint_stage
-
-    def spy(self, model, method, i):
-        states[i] = {k: v.clone() for k, v in method.state_dict(model).items()}
-        return orig(self, model, method, i)
-
-    monkeypatch.setattr(runner_mod.Runner, "checkpoint_stage", spy)
-    return states
+from conftest import CACHE, run_cli, run_tiny, tiny_overrides
 
 
 def _layers(state):
     return sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".lora_B")})
 
 
-def test_masked_entries_are_exactly_zero_and_the_mask_is_the_global_top_k(tmp_path, monkeypatch,
+def test_masked_entries_are_exactly_zero_and_the_mask_is_the_global_top_k(tmp_path, stage_states,
                                                                           superni):
-    states = _spy(monkeypatch)
+    states = stage_states
     run_tiny(tmp_path / "r", tiny_overrides(tmp_path, extra=[
         "method=lori", "method.sparsity=0.75", "trainer.epochs=3"]))
     st = states[0]
@@ -73,9 +57,9 @@ def test_a_is_seeded_and_a_wrong_seed_is_refused():
         m3.load_state_dict(None, m1.state_dict(mod1))
 
 
-def test_sequential_tasks_get_disjoint_masks_and_keep_earlier_entries(tmp_path, monkeypatch,
+def test_sequential_tasks_get_disjoint_masks_and_keep_earlier_entries(tmp_path, stage_states,
                                                                        superni):
-    states = _spy(monkeypatch)
+    states = stage_states
     run_tiny(tmp_path / "seq", tiny_overrides(tmp_path, extra=[
         "method=lori", "training_mode=sequential", "method.sparsity=0.7", "trainer.epochs=2"]))
     names = _layers(states[0])
@@ -98,10 +82,10 @@ def test_a_sparsity_that_cannot_give_disjoint_masks_names_the_minimum(tmp_path, 
             "method=lori", "training_mode=sequential", "method.sparsity=0.5"]))
 
 
-def test_the_two_run_form_masks_from_the_first_step(tmp_path, monkeypatch, superni):
+def test_the_two_run_form_masks_from_the_first_step(tmp_path, stage_states, superni):
     run_tiny(tmp_path / "d", tiny_overrides(tmp_path, extra=["method=lori"]))
     mask = tmp_path / "d" / "lori_mask.safetensors"
-    states = _spy(monkeypatch)
+    states = stage_states
     run_tiny(tmp_path / "s", tiny_overrides(tmp_path, extra=[
         "method=lori", f"method.mask_path={mask}", "seed=2"]))
     saved = load_file(str(mask))
@@ -112,12 +96,5 @@ def test_the_two_run_form_masks_from_the_first_step(tmp_path, monkeypatch, super
 
 
 def test_the_issue_cli_run(tmp_path):
-    d = tmp_path / "r"
-    over = ["model=tiny-llama", "method=lori", "data.max_train_per_task=8",
-            "data.max_eval_per_task=4", f"data.root={SUPERNI}", f"paths.cache_dir={CACHE}",
-            f"data.tasks=[{','.join(TASKS3)}]", "data.max_new_tokens=4", "trainer.epochs=1",
-            f"hydra.run.dir={d}"]
-    proc = subprocess.run([sys.executable, "-m", "badit_exp.train", *over], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((d / "metrics.json").read_text())["method_variant"]["sparsity"] == 0.9
+    m = run_cli(tmp_path / "r", "lori")
+    assert m["method_variant"]["sparsity"] == 0.9

@@ -2,8 +2,6 @@
 and balancing loss, and the CLI runs the issue names."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from badit_exp.methods import registry
 from badit_exp.methods.moe.mixlora import MixLoRA, MixLoRAMLP
 from badit_exp.methods.moe.routing import RoutingContext
 from badit_exp.models import load_model_and_tokenizer, resolve_device
-from conftest import CACHE, REPO, SUPERNI, TASKS3
+from conftest import CACHE, TASKS3, run_cli
 
 CPU = resolve_device("cpu")
 
@@ -139,14 +137,7 @@ def test_mola_experts_grow_with_depth():
 @pytest.mark.parametrize("method", ["hydralora", "hydralora_k8", "mola", "mixlora"])
 def test_the_issue_cli_run_writes_metrics(tmp_path, method):
     d = tmp_path / "r"
-    over = ["model=tiny-llama", f"method={method}", "data.max_train_per_task=8",
-            "data.max_eval_per_task=4", f"data.root={SUPERNI}", f"paths.cache_dir={CACHE}",
-            f"data.tasks=[{','.join(TASKS3[:2])}]", "data.max_new_tokens=4", "trainer.epochs=1",
-            f"hydra.run.dir={d}"]
-    proc = subprocess.run([sys.executable, "-m", "badit_exp.train", *over], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = json.loads((d / "metrics.json").read_text())
+    m = run_cli(d, method, tasks=TASKS3[:2])
     assert m["method"] == method and m["rouge"] is not None
     stats = json.loads((d / "router_stats.json").read_text())
     for layer, w in stats["stages"]["mixed"][TASKS3[0]].items():

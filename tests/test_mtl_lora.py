@@ -1,9 +1,6 @@
 """MTL-LoRA: the task id in the forward pass, the per-example computation against a naive loop,
 sequential resets and frozen past tasks, the issue's CLI runs."""
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,8 +8,7 @@ import torch.nn as nn
 
 from badit_exp import metrics as M
 from badit_exp.methods.mtl_lora import MTLLoRALinear, TaskContext
-from badit_exp.training import runner as runner_mod
-from conftest import CACHE, REPO, SUPERNI, TASKS3, run_tiny, tiny_overrides
+from conftest import TASKS3, run_cli, run_tiny, tiny_overrides
 
 
 def _layer(T=3, r=2, n_b=3, seed=0):
@@ -61,16 +57,9 @@ def test_no_task_id_is_a_clear_error_and_init_is_exact():
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_sequential_resets_the_new_task_and_can_freeze_the_past(tmp_path, monkeypatch, freeze,
-                                                                superni):
+                                                                stage_states, superni):
     """With weight decay, only freeze_past_tasks keeps task 1's Lambda as its stage left it."""
-    states = {}
-    orig = runner_mod.Runner.checkpoint_stage
-
-    def spy(self, model, method, i):
-        states[i] = {k: v.clone() for k, v in method.state_dict(model).items()}
-        return orig(self, model, method, i)
-
-    monkeypatch.setattr(runner_mod.Runner, "checkpoint_stage", spy)
+    states = stage_states
     from badit_exp.methods.mtl_lora import MTLLoRA
 
     starts = {}
@@ -97,16 +86,8 @@ def test_sequential_resets_the_new_task_and_can_freeze_the_past(tmp_path, monkey
 
 
 def test_the_issue_cli_runs(tmp_path):
-    d = tmp_path / "mixed"
-    over = ["model=tiny-llama", "method=mtl_lora", "data.max_train_per_task=8",
-            "data.max_eval_per_task=4", f"data.root={SUPERNI}", f"paths.cache_dir={CACHE}",
-            f"data.tasks=[{','.join(TASKS3)}]", "data.max_new_tokens=4", "trainer.epochs=1"]
-    for run, extra in [("mixed", []), ("seq", ["training_mode=sequential"])]:
-        proc = subprocess.run([sys.executable, "-m", "badit_exp.train", *over, *extra,
-                               f"hydra.run.dir={tmp_path / run}"], cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((d / "metrics.json").read_text())["method_variant"]["task_id"]
+    assert run_cli(tmp_path / "mixed", "mtl_lora")["method_variant"]["task_id"]
+    run_cli(tmp_path / "seq", "mtl_lora", ["training_mode=sequential"])
     stages, tasks, A = M.read_matrix_csv(tmp_path / "seq" / "scores.csv")
     assert len(stages) == 3 and all(len(r) == 3 for r in A)
 

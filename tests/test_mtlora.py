@@ -1,9 +1,6 @@
 """mtLoRA: the fine-grained fused block adapter against a naive loop, the spectral regulariser in
 both forms (the released one's exact zero at step 0), the cv^2 balance, the issue's CLI run."""
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from badit_exp.methods import registry
 from badit_exp.methods.moe.routing import RoutingContext
 from badit_exp.methods.mtlora import MtLoRABlock, spectral_term
 from badit_exp.models import load_model_and_tokenizer, resolve_device
-from conftest import CACHE, REPO, SUPERNI, TASKS3
+from conftest import CACHE, run_cli
 
 
 def _block(d=8, K=3, r=2, group=4, seed=0):
@@ -116,13 +113,6 @@ def test_as_described_is_nonzero_after_step_0_and_the_balance_is_cv2():
 
 def test_the_issue_cli_run(tmp_path):
     d = tmp_path / "r"
-    over = ["model=tiny-llama", "method=mtlora", "data.max_train_per_task=8",
-            "data.max_eval_per_task=4", f"data.root={SUPERNI}", f"paths.cache_dir={CACHE}",
-            f"data.tasks=[{','.join(TASKS3)}]", "data.max_new_tokens=4", "trainer.epochs=1",
-            "method.group_size=32", f"hydra.run.dir={d}"]
-    proc = subprocess.run([sys.executable, "-m", "badit_exp.train", *over], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = json.loads((d / "metrics.json").read_text())
+    m = run_cli(d, "mtlora", ["method.group_size=32"])
     assert m["method_variant"]["spectral"]["mode"] == "as_described"
     assert (d / "router_usage_mixed.png").exists()
