@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from badit_exp.config import AnalyzeConfig, Config, ConfigError
 from badit_exp.methods import registry
+from badit_exp.tuning import tuned_lr
 
 CONF_DIR = str(Path(os.environ.get("BADIT_CONF_DIR",
                                    Path(__file__).resolve().parents[2] / "conf")).resolve())
@@ -33,6 +34,11 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver(
         "badit_rank_suffix", lambda: "" if int(os.environ.get("RANK", "0")) == 0
         else f".rank{os.environ['RANK']}", replace=True)
+    # a study's tuned learning rate from its committed choices file (badit_exp.tuning)
+    OmegaConf.register_new_resolver(
+        "badit_tuned_lr", lambda path, method, mode: tuned_lr(path, method, mode,
+                                                              root=str(Path(CONF_DIR).parent)),
+        replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="analyze_schema", node=AnalyzeConfig)

@@ -88,7 +88,15 @@ class DataConfig:
     root: str = MISSING
     tasks: List[str] = MISSING
     train_split: str = "train"
+    # test | holdout (tuning: the hold-out below, carved from train_split; test is never read)
+    # | any other split file of the benchmark
     eval_split: str = "test"
+    # instances per task held out of train_split (a fixed sample from holdout_seed, the same for
+    # every method and seed; never trained on). A study's tuning runs evaluate on it
+    # (eval_split=holdout) and its final runs keep it out of training too, so both see the same
+    # training data. 0 = no hold-out.
+    holdout_per_task: int = 0
+    holdout_seed: int = 0
     # the budget: conf/scale/<name>.yaml
     max_train_per_task: int = MISSING
     max_eval_per_task: int = MISSING
@@ -115,6 +123,16 @@ class DataConfig:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len} leaves no room for a prompt "
                               f"next to data.max_new_tokens={self.max_new_tokens}; raise it.")
         _choice("data.summary_metric", self.summary_metric, ["rougeL", "table4"])
+        if self.holdout_per_task < 0:
+            raise ConfigError(f"data.holdout_per_task={self.holdout_per_task} is negative; use 0 "
+                              "(no hold-out) or a positive count.")
+        if self.eval_split == "holdout" and self.holdout_per_task <= 0:
+            raise ConfigError("data.eval_split=holdout needs data.holdout_per_task > 0 (the "
+                              "instances per task held out of the training split).")
+        if self.eval_split == self.train_split:
+            raise ConfigError(f"data.eval_split={self.eval_split!r} is the training split; "
+                              "evaluate on test, or on data.eval_split=holdout with "
+                              "data.holdout_per_task > 0.")
 
 
 @dataclass

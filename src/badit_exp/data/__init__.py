@@ -5,4 +5,13 @@ task holding ``<split>.json`` (an object with ``Definition`` and ``Instances``).
 """
 
 from badit_exp.data.prompts import build_prompt  # noqa: F401
-from badit_exp.data.superni import DataError, Instance, Task, load_task, resolve_task_names  # noqa: F401
+from badit_exp.data.superni import (  # noqa: F401
+    DataError,
+    Instance,
+    Task,
+    check_disjoint,
+    load_task,
+    resolve_task_names,
+    split_holdout,
+    take,
+)

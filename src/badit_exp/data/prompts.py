@@ -47,12 +47,14 @@ def _fit(ids: List[int], budget: int) -> List[int]:
     return ids[:head] + ids[len(ids) - (budget - head):]
 
 
-def _cache_key(tok, task_file: Path, kind: str, n: int, max_seq_len: int, max_new: int,
+def _cache_key(tok, task_file: Path, kind: str, ids: List[str], max_seq_len: int, max_new: int,
                seed: int) -> str:
     st = task_file.stat()
+    # the instances themselves, not their number: a hold-out changes which ones a file gives
+    id_hash = hashlib.sha1("\n".join(ids).encode()).hexdigest()
     blob = json.dumps([getattr(tok, "name_or_path", ""), len(tok), tok.eos_token_id,
-                       str(task_file.resolve()), st.st_size, st.st_mtime_ns, kind, n, max_seq_len,
-                       max_new, seed, TEMPLATE], sort_keys=True)
+                       str(task_file.resolve()), st.st_size, st.st_mtime_ns, kind, id_hash,
+                       max_seq_len, max_new, seed, TEMPLATE], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -94,8 +96,8 @@ def tokenize_task(task: Task, tok, *, kind: str, max_seq_len: int, max_new_token
     ds = Dataset.from_dict(records)
     kw = {}
     if cache_dir is not None and task_file is not None:
-        key = _cache_key(tok, task_file, kind, len(task.instances), max_seq_len, max_new_tokens,
-                         seed)
+        key = _cache_key(tok, task_file, kind, [i.id for i in task.instances], max_seq_len,
+                         max_new_tokens, seed)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         kw = dict(cache_file_name=str(Path(cache_dir) / f"{task.name}-{kind}-{key}.arrow"),
                   load_from_cache_file=True)

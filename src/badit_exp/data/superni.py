@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +126,56 @@ def load_task(root: str | Path, name: str, split: str, max_instances: int | None
     if not instances:
         raise DataError(f"{path}: task {name!r} has no usable instances.")
     return Task(name=name, definition=definition, instances=tuple(instances))
+
+
+def take(task: Task, n: Optional[int]) -> Task:
+    """The first ``n`` instances of ``task`` (all of them when ``n`` is None or 0)."""
+    return Task(task.name, task.definition, task.instances[:n] if n else task.instances)
+
+
+def split_holdout(task: Task, n: int, seed: int, path: Path | str = "") -> Tuple[Task, Task]:
+    """Carve a fixed hold-out of ``n`` instances out of a training split (SPEC section 9.1).
+
+    The hold-out is a seeded sample (``random.Random(f"{seed}:{task.name}")``) that depends only
+    on ``seed``, the task's name and its instances, never on the run's seed or method, so every
+    run of a study sees the same one; both parts keep file order.
+
+    Returns:
+        (the instances that may be trained on, the hold-out)
+    """
+    if n <= 0:
+        return task, Task(task.name, task.definition, ())
+    if n >= len(task.instances):
+        raise DataError(f"{path or task.name}: data.holdout_per_task={n} leaves nothing to train "
+                        f"on (task {task.name!r} has {len(task.instances)} usable training "
+                        "instances); lower data.holdout_per_task.")
+    chosen = set(random.Random(f"{seed}:{task.name}").sample(range(len(task.instances)), n))
+    rest = tuple(x for i, x in enumerate(task.instances) if i not in chosen)
+    held = tuple(x for i, x in enumerate(task.instances) if i in chosen)
+    return (Task(task.name, task.definition, rest), Task(task.name, task.definition, held))
+
+
+def check_disjoint(trainable: Task, evaluated: Task, train_file: Path | str,
+                   eval_file: Path | str) -> None:
+    """Refuse to evaluate on an instance a run may train on.
+
+    An instance counts as the same when its id or its input text is identical (ids can be
+    missing or renumbered; identical inputs are the same example either way). ``trainable``
+    is every instance the run may draw training data from, not only the ones a small budget
+    uses, so a benchmark whose test split repeats training instances is refused too.
+
+    Raises:
+        DataError: naming the task, both files and the shared ids.
+    """
+    ids = {x.id for x in trainable.instances}
+    inputs = {x.input: x.id for x in trainable.instances}
+    clash = [(x.id, inputs.get(x.input, x.id)) for x in evaluated.instances
+             if x.id in ids or x.input in inputs]
+    if clash:
+        shown = ", ".join(e if e == t else f"{e} (= train {t})" for e, t in clash[:10])
+        raise DataError(
+            f"task {trainable.name!r}: {len(clash)} evaluation instance(s) of {eval_file} are also "
+            f"training instances of {train_file} (same id or identical input): {shown}"
+            f"{' ...' if len(clash) > 10 else ''}. Evaluating on trained data inflates every "
+            "score: fix the benchmark's splits, or evaluate on data.eval_split=holdout with "
+            "data.holdout_per_task > 0.")

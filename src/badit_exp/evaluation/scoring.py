@@ -55,7 +55,8 @@ def aggregate(per_example: Iterable[Dict[str, float]]) -> Dict[str, float]:
     rows: List[Dict[str, float]] = list(per_example)
     if not rows:
         return {"rougeL": float("nan"), "exact_match": float("nan")}
-    return {k: sum(r[k] for r in rows) / len(rows) for k in ("rougeL", "exact_match")}
+    keys = ("rougeL", "exact_match") + (("loss",) if all("loss" in r for r in rows) else ())
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
 
 def summary_score(task: str, scores: Dict[str, float], summary_metric: str,

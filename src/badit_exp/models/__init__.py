@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Tuple
 
@@ -63,7 +65,8 @@ def smollm2_cached(cache_dir: Path) -> Path:
         return target
     gguf = smollm2_gguf_path()
     log.info("Converting %s to safetensors in %s (once, ~20 s)", gguf.name, target)
-    tmp = target.with_name(target.name + ".tmp")
+    # one temporary folder per process: runs started side by side may convert at the same time
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
@@ -74,7 +77,12 @@ def smollm2_cached(cache_dir: Path) -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a killed conversion never leaves a half-written cache
+    try:
+        tmp.rename(target)  # atomic: a killed conversion never leaves a half-written cache
+    except OSError:  # another process finished first: keep its copy
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -82,6 +82,13 @@ def write_results(cfg: Config, resolved: Dict, stages: Sequence[Stage], progress
             plotting.heatmap(run_dir / "scores_heatmap.png", stage_names, tasks, A, title)
         else:
             plotting.bar_scores(run_dir / "scores.png", tasks, A[-1], title)
+    losses = [out["scores"][t].get("loss") for t in tasks]
+    # mean over tasks of the teacher-forced target loss on the evaluated split (after the last
+    # stage; in single mode each task's own run): a low-variance second metric
+    out["eval_target_loss"] = (sum(losses) / len(losses) if losses and None not in losses
+                               else None)
+    out["eval_split"] = cfg.data.eval_split
+    out["lr"] = cfg.trainer.lr
     out["timing"] = progress["timing"]
     out["target_loss"] = progress.get("target_loss")
     t = cfg.trainer
@@ -101,7 +108,9 @@ def match_key(cfg: Config) -> Dict:
             "root": str(Path(c.data.root).expanduser().resolve()),
             "max_train_per_task": c.data.max_train_per_task,
             "max_eval_per_task": c.data.max_eval_per_task, "max_seq_len": c.data.max_seq_len,
-            "epochs": c.trainer.epochs, "summary_metric": c.data.summary_metric}
+            "epochs": c.trainer.epochs, "summary_metric": c.data.summary_metric,
+            "eval_split": c.data.eval_split, "holdout_per_task": c.data.holdout_per_task,
+            "lr": c.trainer.lr}
 
 
 def find_single_results(cfg: Config, tasks: List[str]):

@@ -32,7 +32,7 @@ from transformers import set_seed
 from badit_exp import dist as D
 from badit_exp.config import Config, ConfigError
 from badit_exp.data.prompts import collate_train, tokenize_task
-from badit_exp.data.superni import Task, load_task
+from badit_exp.data.superni import Task, check_disjoint, load_task, split_holdout, take
 from badit_exp.evaluation.generate import evaluate_task
 from badit_exp.io_utils import atomic_write_json, truncate_jsonl, write_jsonl
 from badit_exp.methods import registry
@@ -104,6 +104,9 @@ class Runner:
         self.cache_dir = Path(cfg.paths.cache_dir).expanduser().resolve()
 
     def _setup_data(self) -> None:
+        """Each task's training instances, evaluation instances (test, or the hold-out carved
+        from the training split) and their tokens; an evaluation instance the run may train on
+        is refused (:func:`badit_exp.data.superni.check_disjoint`)."""
         d = self.cfg.data
         root = Path(d.root).expanduser()
         tok_cache = self.cache_dir / "tokenized" if d.cache_tokenization else None
@@ -111,17 +114,30 @@ class Runner:
         self.eval_tasks: Dict[str, Task] = {}
         self.train_examples: Dict[str, List[Dict]] = {}
         self.eval_examples: Dict[str, List[Dict]] = {}
-        kw = dict(max_seq_len=d.max_seq_len, max_new_tokens=d.max_new_tokens, seed=self.cfg.seed,
-                  cache_dir=tok_cache)
+        self.eval_loss_examples: Dict[str, List[Dict]] = {}
+        kw = dict(max_seq_len=d.max_seq_len, max_new_tokens=d.max_new_tokens, cache_dir=tok_cache)
         for name in d.tasks:
-            tr = load_task(root, name, d.train_split, d.max_train_per_task)
-            ev = load_task(root, name, d.eval_split, d.max_eval_per_task)
+            train_file = root / name / f"{d.train_split}.json"
+            pool, held = split_holdout(load_task(root, name, d.train_split), d.holdout_per_task,
+                                       d.holdout_seed, train_file)
+            if d.eval_split == "holdout":
+                ev, eval_file = take(held, d.max_eval_per_task), train_file
+            else:
+                ev = load_task(root, name, d.eval_split, d.max_eval_per_task)
+                eval_file = root / name / f"{d.eval_split}.json"
+            check_disjoint(pool, ev, train_file, eval_file)
+            tr = take(pool, d.max_train_per_task)
             self.train_tasks[name], self.eval_tasks[name] = tr, ev
-            self.train_examples[name] = tokenize_task(
-                tr, self.tok, kind="train", task_file=root / name / f"{d.train_split}.json", **kw)
-            self.eval_examples[name] = tokenize_task(
-                ev, self.tok, kind="eval", task_file=root / name / f"{d.eval_split}.json", **kw)
-            for ex in self.train_examples[name]:
+            self.train_examples[name] = tokenize_task(tr, self.tok, kind="train",
+                                                      task_file=train_file, seed=self.cfg.seed,
+                                                      **kw)
+            self.eval_examples[name] = tokenize_task(ev, self.tok, kind="eval",
+                                                     task_file=eval_file, seed=self.cfg.seed, **kw)
+            # teacher-forced target loss on the evaluation instances: one reference each,
+            # chosen independently of the run's seed so every run scores the same targets
+            self.eval_loss_examples[name] = tokenize_task(ev, self.tok, kind="train",
+                                                          task_file=eval_file, seed=0, **kw)
+            for ex in self.train_examples[name] + self.eval_loss_examples[name]:
                 ex["task_index"] = d.tasks.index(name)
 
     def _setup_run_dir(self) -> None:
@@ -282,7 +298,8 @@ class Runner:
                 model, self.tok, self.eval_tasks[t], self.eval_examples[t],
                 batch_size=self.cfg.trainer.eval_batch_size,
                 max_new_tokens=self.cfg.data.max_new_tokens, device=self.device,
-                autocast_dtype=self.autocast_dtype)
+                autocast_dtype=self.autocast_dtype, loss_examples=self.eval_loss_examples[t],
+                before_forward=lambda batch: method.before_forward(model, batch))
             method.end_eval(t)
             done[t] = scores
             if self.is_main:
