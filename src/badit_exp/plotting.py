@@ -119,3 +119,26 @@ def gate_table(path: Path, tasks: Sequence[str], values, title: str) -> None:
     ax.set_title(title, fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.04)
     _save(fig, path)
+
+
+def lr_curves(path: Path, curves, title: str, ylabel: str = "hold-out ROUGE-L") -> None:
+    """One line per method: score against learning rate (log x), the chosen rate circled.
+
+    Args:
+        curves: {method: (rates, scores, chosen rate)}.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (method, (rates, scores, chosen)) in enumerate(sorted(curves.items())):
+        color = plt.cm.tab10(i % 10)
+        ax.plot(rates, scores, marker="o", color=color, label=method)
+        if chosen in rates:
+            j = list(rates).index(chosen)
+            ax.scatter([rates[j]], [scores[j]], s=180, facecolors="none", edgecolors=color,
+                       linewidths=2)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (peak, cosine schedule)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,9 +32,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
+from badit_exp import study_report as R
 from badit_exp import tuning as T
 from badit_exp.compose import CONF_DIR
-from badit_exp.io_utils import write_jsonl
 
 REPO = Path(CONF_DIR).parent
 
@@ -76,47 +75,9 @@ class RunSpec:
                 f"hydra.run.dir={_path(study.output_dir) / 'runs' / self.id}"]
 
 
-# ---------------------------------------------------------------------------- collected runs
-def collect(run_dir: Path, dest: Path) -> None:
-    """Copy what the tables need from a finished run: ``metrics.json`` and one row per
-    evaluated example (task, id, rougeL, exact_match, loss, prediction) of the final stage."""
-    dest.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for f in sorted((run_dir / "predictions").glob("*.jsonl")):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            rows.append({"task": f.stem, "id": r["id"], "rougeL": r["rougeL"],
-                         "exact_match": r["exact_match"], "loss": r.get("loss"),
-                         "prediction": r["prediction"]})
-    write_jsonl(dest / "examples.jsonl", rows)
-    if (run_dir / "scores.csv").exists():
-        shutil.copy(run_dir / "scores.csv", dest / "scores.csv")
-    shutil.copy(run_dir / "metrics.json", dest / "metrics.json")  # last: marks the run done
-
-
 def finished(study, spec: RunSpec) -> Optional[Dict]:
     p = _path(study.results_dir) / "runs" / spec.id / "metrics.json"
     return json.loads(p.read_text()) if p.is_file() else None
-
-
-def load_runs(results_dir: Path) -> List[Dict]:
-    """Every collected run: its metrics plus ``units`` {(seed, task, id): rougeL} and
-    ``loss_units`` (the same keys, teacher-forced target loss)."""
-    out = []
-    for m in sorted((results_dir / "runs").glob("*/metrics.json")):
-        met = json.loads(m.read_text())
-        units, loss_units = {}, {}
-        ex = m.parent / "examples.jsonl"
-        for line in ex.read_text().splitlines() if ex.exists() else []:
-            r = json.loads(line)
-            units[(met["seed"], r["task"], r["id"])] = r["rougeL"]
-            if r.get("loss") is not None:
-                loss_units[(met["seed"], r["task"], r["id"])] = r["loss"]
-        met["units"], met["loss_units"] = units, loss_units
-        met["split"] = "holdout" if met.get("eval_split") == "holdout" else "test"
-        met["lr"] = met.get("lr") or met["config"]["trainer"]["lr"]
-        out.append(met)
-    return out
 
 
 # ---------------------------------------------------------------------------- scheduling
@@ -150,7 +111,7 @@ class Pool:
                 del self.running[spec]
                 run_dir = _path(self.study.output_dir) / "runs" / spec.id
                 if proc.returncode == 0 and (run_dir / "metrics.json").exists():
-                    collect(run_dir, _path(self.study.results_dir) / "runs" / spec.id)
+                    R.collect(run_dir, _path(self.study.results_dir) / "runs" / spec.id)
                     print(f"[study] done {spec.id} in {(time.time() - t0) / 60:.1f} min",
                           flush=True)
                 else:
@@ -166,19 +127,6 @@ class Pool:
         return self.dry or len(self.running) < self.study.workers
 
 
-def _choices_from(runs: Sequence[Dict], mode: str) -> Dict[str, T.Choice]:
-    pts: Dict[str, Dict[float, List[float]]] = {}
-    losses: Dict[str, Dict[float, List[float]]] = {}
-    for r in runs:
-        if r["split"] != "holdout" or r["mode"] != mode:
-            continue
-        pts.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["rouge"])
-        if r.get("eval_target_loss") is not None:
-            losses.setdefault(r["method"], {}).setdefault(r["lr"], []).append(
-                r["eval_target_loss"])
-    return {m: T.choose(m, mode, p, losses.get(m)) for m, p in pts.items()}
-
-
 CHOICES_HEADER = """\
 # The learning rate of each method per training mode, chosen by `python -m badit_exp.study tune`
 # on the hold-out carved from train.json (never on test): the rate with the best mean hold-out
@@ -189,8 +137,8 @@ CHOICES_HEADER = """\
 
 
 def write_choice_file(study) -> Dict[str, Dict[str, T.Choice]]:
-    runs = load_runs(_path(study.results_dir))
-    by_mode = {mode: _choices_from(runs, mode) for mode in ("mixed", "sequential")}
+    runs = R.load_runs(_path(study.results_dir))
+    by_mode = {mode: R.choices_from(runs, mode) for mode in ("mixed", "sequential")}
     T.write_choices(_path(study.results_dir) / "lr_choices.yaml",
                     [c for cs in by_mode.values() for c in cs.values()],
                     CHOICES_HEADER.format(study=study.study_experiment))
@@ -285,8 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = ap.parse_args(argv)
     study = load_study(a.study)
     if a.action == "report":
-        from badit_exp.study_report import report
-        report(study)
+        R.report(study)
         return 0
     if a.action == "tune":
         methods = a.methods.split(",") if a.methods else list(study.study[a.mode].methods)

@@ -152,13 +152,18 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int = 9999,
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"paired samples must be two aligned 1-d arrays, got {a.shape} and "
                          f"{b.shape}")
-    diff = float(np.mean(a - b))
-    if np.all(a - b == (a - b)[0]):  # no spread: the interval is the point (BCa is undefined)
+    d = a - b
+    diff = float(np.mean(d))
+    if np.ptp(d) <= 1e-9 * max(1.0, abs(diff)):  # no spread: the interval is the point
         return diff, diff, diff
-    res = bootstrap((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), paired=True,
-                    n_resamples=n_resamples, confidence_level=confidence, method="BCa",
-                    random_state=np.random.default_rng(seed), vectorized=True)
-    return diff, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    for method in ("BCa", "percentile"):  # BCa is undefined on near-degenerate samples
+        res = bootstrap((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), paired=True,
+                        n_resamples=n_resamples, confidence_level=confidence, method=method,
+                        random_state=np.random.default_rng(seed), vectorized=True)
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if np.isfinite(lo) and np.isfinite(hi):
+            break
+    return diff, lo, hi
 
 
 def measurable(low: float, high: float) -> bool:

@@ -1,0 +1,251 @@
+"""A study's files and tables: what a finished run leaves in ``<results_dir>/runs/<id>/``, and
+the tables built from those files alone (``python -m badit_exp.study report``).
+
+Per run: ``metrics.json`` (the run's own, with its config and provenance), ``examples.jsonl``
+(one row per evaluated example of the final stage: task, id, rougeL, exact_match, teacher-forced
+target loss, prediction) and, for matrices, ``scores.csv``. Tables:
+
+- ``tune_<mode>.md`` / ``tune_<mode>.png``: hold-out ROUGE-L (and target loss) of every method at
+  every rate, the choice, its edge flag, and how often the hold-out target loss picks the same
+  rate;
+- ``study_<mode>.md``: each method at its tuned rate: mean ± std over seeds with the per-seed
+  values, test target loss, (sequential) Forget and Backward, and per pair against each baseline
+  the ROUGE-L difference with a paired bootstrap 95% interval over (seed, test example);
+- ``study.json``: the same numbers for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from badit_exp import plotting
+from badit_exp import tuning as T
+from badit_exp.io_utils import atomic_write_json, atomic_write_text, write_jsonl
+
+
+# ---------------------------------------------------------------------------- run files
+def collect(run_dir: Path, dest: Path) -> None:
+    """Copy what the tables need from a finished run into ``dest`` (``metrics.json`` last: its
+    presence marks the run as done)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for f in sorted((run_dir / "predictions").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            rows.append({"task": f.stem, "id": r["id"], "rougeL": r["rougeL"],
+                         "exact_match": r["exact_match"], "loss": r.get("loss"),
+                         "prediction": r["prediction"]})
+    write_jsonl(dest / "examples.jsonl", rows)
+    if (run_dir / "scores.csv").exists():
+        shutil.copy(run_dir / "scores.csv", dest / "scores.csv")
+    shutil.copy(run_dir / "metrics.json", dest / "metrics.json")
+
+
+def load_runs(results_dir: Path) -> List[Dict]:
+    """Every collected run's metrics plus ``units`` {(seed, task, id): rougeL}, ``loss_units``
+    (same keys, target loss), ``split`` (holdout | test) and ``lr``."""
+    out = []
+    for m in sorted((Path(results_dir) / "runs").glob("*/metrics.json")):
+        met = json.loads(m.read_text())
+        units, loss_units = {}, {}
+        ex = m.parent / "examples.jsonl"
+        for line in ex.read_text().splitlines() if ex.exists() else []:
+            r = json.loads(line)
+            key = (met["seed"], r["task"], r["id"])
+            units[key] = r["rougeL"]
+            if r.get("loss") is not None:
+                loss_units[key] = r["loss"]
+        met["units"], met["loss_units"] = units, loss_units
+        met["split"] = "holdout" if met.get("eval_split") == "holdout" else "test"
+        met["lr"] = float(met.get("lr") or met["config"]["trainer"]["lr"])
+        out.append(met)
+    return out
+
+
+def choices_from(runs: Sequence[Dict], mode: str) -> Dict[str, T.Choice]:
+    """Each method's choice among its hold-out runs in ``mode``."""
+    pts: Dict[str, Dict[float, List[float]]] = {}
+    losses: Dict[str, Dict[float, List[float]]] = {}
+    for r in runs:
+        if r["split"] != "holdout" or r["mode"] != mode:
+            continue
+        pts.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["rouge"])
+        if r.get("eval_target_loss") is not None:
+            losses.setdefault(r["method"], {}).setdefault(r["lr"], []).append(
+                r["eval_target_loss"])
+    return {m: T.choose(m, mode, p, losses.get(m)) for m, p in pts.items()}
+
+
+# ---------------------------------------------------------------------------- tables
+def _f(x: Optional[float], d: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{d}f}"
+
+
+def _hours(runs: Sequence[Dict]) -> float:
+    return sum(sum(t.get("train_s", 0) + t.get("eval_s", 0) for t in r["timing"].values())
+               for r in runs) / 3600
+
+
+def _machine(runs: Sequence[Dict]) -> str:
+    devs = {json.dumps(r.get("provenance", {}).get("device", {}), sort_keys=True) for r in runs}
+    return "; ".join(sorted(devs))
+
+
+def tune_table(runs: Sequence[Dict], mode: str, out_dir: Path) -> Optional[Dict]:
+    """``tune_<mode>.md`` and ``.png``; returns the choices as plain data (None: no runs)."""
+    choices = choices_from(runs, mode)
+    if not choices:
+        return None
+    mine = [r for r in runs if r["split"] == "holdout" and r["mode"] == mode]
+    rates = sorted({r["lr"] for r in mine})
+    loss = {(r["method"], r["lr"]): r.get("eval_target_loss") for r in mine}
+    n_ex = {len(r["units"]) for r in mine}
+    lines = [f"# Learning-rate tuning, {mode} training (hold-out of train.json, never test)", "",
+             f"Hold-out ROUGE-L (mean over the 15 tasks; {sorted(n_ex)} hold-out examples per run) "
+             "at each peak learning rate, seed "
+             f"{sorted({r['seed'] for r in mine})}; **bold** = chosen (best hold-out ROUGE-L), "
+             "`edge` = the best is at the end of its grid (extend it). In brackets: hold-out "
+             "teacher-forced target loss.", "",
+             "| method | " + " | ".join(T.fmt_lr(x) for x in rates) + " | chosen | interior |",
+             "|---" * (len(rates) + 3) + "|"]
+    agree = []
+    for m, c in sorted(choices.items()):
+        cells = []
+        for x in rates:
+            if x not in c.grid:
+                cells.append("")
+                continue
+            s = c.scores[c.grid.index(x)]
+            txt = f"{s:.2f} ({_f(loss.get((m, x)), 3)})"
+            cells.append(f"**{txt}**" if x == c.lr else txt)
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {T.fmt_lr(c.lr)} | "
+                     f"{'yes' if c.interior else 'no: ' + c.edge + ' edge'} |")
+        if c.by_loss is not None:
+            agree.append((m, c.by_loss == c.lr, c.by_loss))
+    lines += ["", f"Cheaper signal: the hold-out target loss picks the same rate as hold-out "
+              f"ROUGE-L for {sum(a for _, a, _ in agree)} of {len(agree)} methods"
+              + (" (differs: " + ", ".join(f"{m} -> {T.fmt_lr(x)}" for m, a, x in agree if not a)
+                 + ")" if not all(a for _, a, _ in agree) else "")
+              + "; the choices use ROUGE-L.",
+              "", f"Runs: {len(mine)}, {_hours(mine):.1f} process-hours of training and "
+              f"evaluation; machine: {_machine(mine)}."]
+    atomic_write_text(out_dir / f"tune_{mode}.md", "\n".join(lines) + "\n")
+    plotting.lr_curves(out_dir / f"tune_{mode}.png",
+                       {m: (c.grid, c.scores, c.lr) for m, c in choices.items()},
+                       f"learning-rate tuning ({mode}, hold-out of train.json)")
+    return {m: {"lr": c.lr, "holdout_rougeL": c.score, "interior": c.interior,
+                "lr_by_target_loss": c.by_loss} for m, c in choices.items()}
+
+
+def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
+                baselines: Sequence[str], out_dir: Path) -> Optional[Dict]:
+    """``study_<mode>.md``: the tuned study's rows and paired intervals (None: no runs)."""
+    mine = [r for r in runs if r["split"] == "test" and r["mode"] == mode]
+    if not mine:
+        return None
+    by: Dict[str, List[Dict]] = {}
+    for r in mine:
+        by.setdefault(r["method"], []).append(r)
+    order = [m for m in methods if m in by] + sorted(m for m in by if m not in methods)
+    seq = mode == "sequential"
+    rows, data = [], {}
+    head = "| method | lr | seeds | ROUGE-L | per seed | test target loss |"
+    if seq:
+        head += " Forget | Backward |"
+    for m in order:
+        rs = sorted(by[m], key=lambda r: r["seed"])
+        lrs = sorted({r["lr"] for r in rs})
+        rouge = [r["rouge"] for r in rs]
+        tl = [r["eval_target_loss"] for r in rs if r.get("eval_target_loss") is not None]
+        cells = [m, "/".join(T.fmt_lr(x) for x in lrs), str(len(rs)), T.fmt_mean_std(rouge),
+                 ", ".join(f"{x:.2f}" for x in rouge), T.fmt_mean_std(tl, 3) if tl else "n/a"]
+        d = {"lr": lrs, "seeds": [r["seed"] for r in rs], "rouge": rouge, "target_loss": tl}
+        if seq:
+            for k in ("forget_rate", "backward"):
+                v = [r[k] for r in rs if r.get(k) is not None]
+                cells.append(T.fmt_mean_std(v) if v else "n/a")
+                d[k] = v
+        rows.append("| " + " | ".join(cells) + " |")
+        data[m] = d
+    pairs, pair_data = [], {}
+    for base in baselines:
+        if base not in by:
+            continue
+        for m in order:
+            if m == base:
+                continue
+            ua = {k: v for r in by[m] for k, v in r["units"].items()}
+            ub = {k: v for r in by[base] for k, v in r["units"].items()}
+            a, b = T.align(ua, ub)
+            if len(a) < 2:
+                continue
+            diff, lo, hi = T.paired_bootstrap(a, b)
+            la = {k: v for r in by[m] for k, v in r["loss_units"].items()}
+            lb = {k: v for r in by[base] for k, v in r["loss_units"].items()}
+            x, y = T.align(la, lb)
+            ld = T.paired_bootstrap(x, y) if len(x) >= 2 else None
+            verdict = ("measurably higher" if lo > 0 else "measurably lower" if hi < 0
+                       else "no measurable difference")
+            n_seeds = len({k[0] for k in set(ua) & set(ub)})
+            pairs.append(f"| {m} − {base} | {diff:+.2f} [{lo:+.2f}, {hi:+.2f}] | {verdict} | "
+                         + (f"{ld[0]:+.3f} [{ld[1]:+.3f}, {ld[2]:+.3f}]" if ld else "n/a")
+                         + f" | {len(a)} ({n_seeds} seeds) |")
+            pair_data[f"{m}-{base}"] = {"rougeL": [diff, lo, hi], "loss": list(ld) if ld else None,
+                                        "units": len(a), "seeds": n_seeds}
+    n_test = sorted({len(r["units"]) // 1 for r in mine})
+    budget = mine[0]["config"]
+    dcfg, tcfg = budget["data"], budget["trainer"]
+    lines = [f"# Tuned study, {mode} training: each method at its own learning rate", "",
+             f"SmolLM2-135M-Instruct ({budget['model']['name']}), all {len(dcfg['tasks'])} "
+             f"SuperNI tasks, {dcfg['max_train_per_task']} training instances per task "
+             f"({dcfg['holdout_per_task']} more held out for tuning, never trained on), "
+             f"{tcfg['epochs']} epochs at batch {tcfg['per_device_batch_size']}, "
+             f"{dcfg['max_seq_len']} tokens; rates from `lr_choices.yaml` (chosen on the "
+             f"hold-out); test: {n_test} examples per run (up to {dcfg['max_eval_per_task']} per "
+             "task). ROUGE-L is the mean over tasks; ± is the sample std over seeds ('?' for "
+             "one seed).", "", head, "|---" * (head.count("|") - 1) + "|", *rows, "",
+             "Paired differences (method − baseline) over the same (seed, test example) units, "
+             "95% paired bootstrap interval (scipy.stats.bootstrap, BCa, 9999 resamples); "
+             "a difference is measurable only when its interval excludes 0. Target loss: "
+             "teacher-forced, nats per target token (lower is better).", "",
+             "| pair | ROUGE-L diff [95% CI] | verdict | target-loss diff [95% CI] | units |",
+             "|---|---|---|---|---|", *pairs, "",
+             f"Runs: {len(mine)}, {_hours(mine):.1f} process-hours; machine: {_machine(mine)}."]
+    atomic_write_text(out_dir / f"study_{mode}.md", "\n".join(lines) + "\n")
+    return {"rows": data, "pairs": pair_data}
+
+
+def report(study) -> Dict:
+    """Every table of ``study`` from its committed run files; prints the markdown."""
+    res = Path(study.results_dir)
+    res = res if res.is_absolute() else Path(__file__).resolve().parents[2] / res
+    runs = load_runs(res)
+    out: Dict = {"tune": {}, "study": {}}
+    for mode in ("mixed", "sequential"):
+        t = tune_table(runs, mode, res)
+        if t:
+            out["tune"][mode] = t
+            print((res / f"tune_{mode}.md").read_text())
+        spec = study.study.get(mode)
+        s = study_table(runs, mode, list(spec.methods) if spec else [], list(study.baselines),
+                        res)
+        if s:
+            out["study"][mode] = s
+            print((res / f"study_{mode}.md").read_text())
+    atomic_write_json(res / "study.json", _clean(out))
+    return out
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj

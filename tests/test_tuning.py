@@ -1,0 +1,211 @@
+"""Fair comparison (SPEC section 9.1, issue 19): the hold-out, the overlap refusal, the choice
+and its edge flag, the choices file, the paired bootstrap and the study's tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from badit_exp import tuning as T
+from badit_exp.compose import load
+from badit_exp.config import ConfigError
+from badit_exp.data.superni import DataError, Instance, Task, check_disjoint, split_holdout
+from conftest import SUPERNI, run_tiny, tiny_overrides
+
+
+def _task(n: int, name: str = "taskX") -> Task:
+    return Task(name, "d", tuple(Instance(f"{name}-{i}", f"in {i}" if name == "taskX" else f"{name} {i}", ("o",))
+                                 for i in range(n)))
+
+
+# ---------------------------------------------------------------------------- hold-out
+def test_holdout_is_fixed_disjoint_and_in_file_order():
+    t = _task(50)
+    rest, held = split_holdout(t, 10, seed=0)
+    assert len(held.instances) == 10 and len(rest.instances) == 40
+    assert not {x.id for x in rest.instances} & {x.id for x in held.instances}
+    idx = [int(x.id.split("-")[1]) for x in held.instances]
+    assert idx == sorted(idx) and idx != list(range(10))  # file order, not the first ten
+    assert split_holdout(t, 10, seed=0) == (rest, held)  # fixed
+    assert split_holdout(t, 10, seed=1)[1] != held  # the hold-out seed chooses it
+    with pytest.raises(DataError, match="holdout_per_task=50"):
+        split_holdout(t, 50, seed=0)
+
+
+def test_overlap_is_refused_naming_task_files_and_ids():
+    train, test = _task(5), Task("taskX", "d", (Instance("taskX-3", "new", ("o",)),
+                                                 Instance("other", "in 1", ("o",)),
+                                                 Instance("fine", "fresh", ("o",))))
+    with pytest.raises(DataError) as e:
+        check_disjoint(train, test, "a/train.json", "a/test.json")
+    msg = str(e.value)
+    assert "taskX" in msg and "a/train.json" in msg and "a/test.json" in msg
+    assert "taskX-3" in msg and "other (= train taskX-1)" in msg and "fine" not in msg
+    check_disjoint(train, _task(3, "taskY"), "a", "b")  # disjoint: fine
+
+
+def test_benchmark_whose_test_repeats_training_is_refused(tmp_path):
+    """A run refuses a split that repeats a training instance, even one beyond its budget."""
+    bench = tmp_path / "bench"
+    src = SUPERNI / "task363_sst2_polarity_classification"
+    (bench / src.name).mkdir(parents=True)
+    train = json.loads((src / "train.json").read_text())
+    (bench / src.name / "train.json").write_text(json.dumps(train))
+    test = dict(train, Instances=train["Instances"][500:503])  # dev == train, say
+    (bench / src.name / "test.json").write_text(json.dumps(test))
+    ov = tiny_overrides(tmp_path / "o", tasks=[src.name], extra=[f"data.root={bench}"])
+    with pytest.raises(DataError, match=train["Instances"][500]["id"]):
+        run_tiny(tmp_path / "run", ov)
+
+
+def test_tuning_run_evaluates_only_holdout_ids(tmp_path):
+    from badit_exp.data.superni import load_task
+
+    ov = tiny_overrides(tmp_path / "o", extra=["data.holdout_per_task=5",
+                                               "data.eval_split=holdout", "trainer.epochs=1"])
+    m = run_tiny(tmp_path / "run", ov)
+    assert m["eval_split"] == "holdout" and m["eval_target_loss"] > 0
+    cfg = load(ov)
+    for t in cfg.data.tasks:
+        train_ids = {x.id for x in load_task(SUPERNI, t, "train").instances}
+        test_ids = {x.id for x in load_task(SUPERNI, t, "test").instances}
+        trained = {x.id for x in load_task(SUPERNI, t, "train").instances[:40]}
+        rows = [json.loads(x) for x in
+                (tmp_path / "run" / "predictions" / f"{t}.jsonl").read_text().splitlines()]
+        ids = {r["id"] for r in rows}
+        assert len(ids) == 2 and ids <= train_ids and not ids & test_ids
+        _, held = split_holdout(load_task(SUPERNI, t, "train"), 5, 0)
+        assert ids <= {x.id for x in held.instances}
+        assert all(r["loss"] > 0 for r in rows)
+        # nothing held out was trained on: the training instances skip the hold-out
+        rest, _ = split_holdout(load_task(SUPERNI, t, "train"), 5, 0)
+        used = {x.id for x in rest.instances[: cfg.data.max_train_per_task]}
+        assert not used & ids and used <= trained | {x.id for x in rest.instances}
+
+
+def test_holdout_config_errors():
+    with pytest.raises(ConfigError, match="holdout_per_task > 0"):
+        load(["scale=tiny", "data.eval_split=holdout"])
+    with pytest.raises(ConfigError, match="training split"):
+        load(["scale=tiny", "data.eval_split=train"])
+
+
+# ---------------------------------------------------------------------------- the choice
+def test_ladder_and_format():
+    assert T.ladder_step(1e-3, +1) == pytest.approx(3e-3)
+    assert T.ladder_step(3e-3, +1) == pytest.approx(1e-2)
+    assert T.ladder_step(1e-3, -1) == pytest.approx(3e-4)
+    assert T.ladder_step(3e-4, -1) == pytest.approx(1e-4)
+    assert [T.fmt_lr(x) for x in (3e-4, 1e-2, 0.0003, 2e-4, 6e-5)] == \
+        ["3e-4", "1e-2", "3e-4", "2e-4", "6e-5"]
+
+
+def test_choice_interior_and_edges():
+    c = T.choose("m", "mixed", {1e-4: [20.0], 3e-4: [25.0], 1e-3: [22.0]},
+                 {1e-4: [2.0], 3e-4: [1.8], 1e-3: [1.9]})
+    assert c.lr == 3e-4 and c.interior and T.next_rate(c) is None and c.by_loss == 3e-4
+    hi = T.choose("m", "mixed", {1e-4: [20.0], 3e-4: [25.0], 1e-3: [27.0, 25.0]})
+    assert hi.lr == 1e-3 and hi.edge == "high" and T.next_rate(hi) == pytest.approx(3e-3)
+    assert hi.score == 26.0  # mean over seeds
+    lo = T.choose("m", "mixed", {1e-4: [30.0], 3e-4: [25.0]})
+    assert lo.edge == "low" and T.next_rate(lo) == pytest.approx(3e-5)
+    tie = T.choose("m", "mixed", {1e-4: [1.0], 3e-4: [5.0], 1e-3: [5.0], 3e-3: [0.0]})
+    assert tie.lr == 3e-4  # ties go to the smaller rate
+
+
+def test_choices_file_and_resolver(tmp_path):
+    p = tmp_path / "lr_choices.yaml"
+    T.write_choices(p, [T.choose("badit", "mixed", {1e-4: [1.0], 3e-4: [3.0], 1e-3: [2.0]})],
+                    "# header\n")
+    assert T.tuned_lr(str(p), "badit", "mixed") == 3e-4
+    with pytest.raises(ConfigError, match="no tuned learning rate for method=lora"):
+        T.tuned_lr(str(p), "lora", "mixed")
+    # the study's experiment reads its rate through the resolver; a CLI rate still wins
+    choices = T.read_choices(p)
+    assert choices["mixed"]["badit"]["interior"] is True
+    cfg = load(["experiment=study2_cpu", "method=badit", "trainer.lr=5e-4"])
+    assert cfg.trainer.lr == 5e-4 and "lr0.0005" in cfg.run_name
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_paired_bootstrap_separates_a_real_difference_from_none():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 100, 300)
+    diff, lo, hi = T.paired_bootstrap(base + 5 + rng.normal(0, 3, 300), base)
+    assert lo > 0 and lo < diff < hi and T.measurable(lo, hi)
+    assert diff == pytest.approx(5, abs=0.6)
+    noise = base + rng.normal(0, 3, 300)
+    d2, lo2, hi2 = T.paired_bootstrap(noise, base)
+    assert lo2 < 0 < hi2 and not T.measurable(lo2, hi2)
+    # pairing matters: unpaired, the same +5 would drown in the spread of `base`
+    assert hi - lo < 2
+
+
+def test_mean_std_single_seed_is_unknown():
+    assert T.fmt_mean_std([20.0]) == "20.00 ± ?"
+    assert T.fmt_mean_std([1.0, 3.0]) == "2.00 ± 1.41"
+
+
+def _fake_run(root: Path, split: str, mode: str, method: str, lr: float, seed: int,
+              scores, loss: float):
+    from badit_exp.tuning import fmt_lr
+
+    d = root / "runs" / f"{split}-{mode}-{method}-lr{fmt_lr(lr)}-seed{seed}"
+    d.mkdir(parents=True)
+    rows = [{"task": f"t{i % 3}", "id": f"e{i}", "rougeL": s, "exact_match": 0.0,
+             "loss": loss, "prediction": "x"} for i, s in enumerate(scores)]
+    (d / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r["rougeL"])
+    rouge = float(np.mean([np.mean(v) for v in by_task.values()]))
+    (d / "metrics.json").write_text(json.dumps({
+        "mode": mode, "method": method, "seed": seed, "rouge": rouge, "lr": lr,
+        "eval_split": split, "eval_target_loss": loss, "forget_rate": None, "backward": None,
+        "timing": {"mixed": {"train_s": 60.0, "eval_s": 30.0}},
+        "provenance": {"device": {"type": "cpu"}},
+        "config": {"model": {"name": "smollm2-135m"}, "trainer": {"lr": lr, "epochs": 2,
+                                                                   "per_device_batch_size": 2},
+                   "data": {"tasks": ["t0", "t1", "t2"], "max_train_per_task": 8,
+                            "holdout_per_task": 10, "max_seq_len": 256,
+                            "max_eval_per_task": 20}}}))
+
+
+def test_report_from_hand_made_run_dirs(tmp_path):
+    from badit_exp.study_report import report
+
+    rng = np.random.default_rng(1)
+    for lr, s in ((1e-4, 20), (3e-4, 30), (1e-3, 25)):
+        _fake_run(tmp_path, "holdout", "mixed", "badit", lr, 1, [s] * 30, 2.0 - s / 100)
+    for lr, s in ((3e-4, 10), (1e-3, 20)):  # best at the high edge
+        _fake_run(tmp_path, "holdout", "mixed", "lora_r32", lr, 1, [s] * 30, 1.0 if lr < 1e-3
+                  else 1.5)
+    base = rng.uniform(0, 100, 60)
+    for seed in (1, 2):
+        _fake_run(tmp_path, "test", "mixed", "badit", 3e-4, seed, base[:30] + 8, 1.5)
+        _fake_run(tmp_path, "test", "mixed", "lora_r32", 1e-3, seed, base[:30], 1.6)
+        _fake_run(tmp_path, "test", "mixed", "lora", 1e-3, seed,
+                  base[:30] + rng.normal(0, 1, 30), 1.6)
+    study = OmegaConf.create({"results_dir": str(tmp_path), "baselines": ["lora_r32", "badit"],
+                              "study": {"mixed": {"methods": ["lora", "lora_r32", "badit"]}}})
+    out = report(study)
+    assert out["tune"]["mixed"]["badit"]["lr"] == 3e-4
+    assert out["tune"]["mixed"]["badit"]["interior"] is True
+    assert out["tune"]["mixed"]["lora_r32"]["interior"] is False
+    tune_md = (tmp_path / "tune_mixed.md").read_text()
+    assert "**30.00 (1.700)**" in tune_md and "no: high edge" in tune_md
+    assert "same rate as hold-out ROUGE-L for 1 of 2 methods" in tune_md  # lora_r32's loss
+    assert (tmp_path / "tune_mixed.png").stat().st_size > 1000
+    pairs = out["study"]["mixed"]["pairs"]
+    d, lo, hi = pairs["badit-lora_r32"]["rougeL"]
+    assert d == pytest.approx(8) and lo > 0
+    d, lo, hi = pairs["lora-lora_r32"]["rougeL"]
+    assert lo < 0 < hi
+    md = (tmp_path / "study_mixed.md").read_text()
+    assert "| badit | 3e-4 | 2 |" in md and "measurably higher" in md
+    assert "no measurable difference" in md
+    assert json.loads((tmp_path / "study.json").read_text())["study"]["mixed"]["rows"]["lora"]
