@@ -209,3 +209,16 @@ def test_report_from_hand_made_run_dirs(tmp_path):
     assert "| badit | 3e-4 | 2 |" in md and "measurably higher" in md
     assert "no measurable difference" in md
     assert json.loads((tmp_path / "study.json").read_text())["study"]["mixed"]["rows"]["lora"]
+
+
+def test_sequential_intermediate_evaluations_use_fewer_examples(tmp_path):
+    ov = tiny_overrides(tmp_path / "o", extra=["training_mode=sequential", "trainer.epochs=1",
+                                               "data.max_eval_per_task_intermediate=1"])
+    m = run_tiny(tmp_path / "run", ov)
+    pred = tmp_path / "run" / "predictions"
+    stages = sorted(p for p in pred.iterdir() if p.is_dir())
+    assert len(stages) == 3 and len(m["matrix"]["summary"]) == 3
+    for s in stages[:-1]:
+        assert all(len(f.read_text().splitlines()) == 1 for f in s.glob("*.jsonl"))
+    assert all(len(f.read_text().splitlines()) == 2 for f in stages[-1].glob("*.jsonl"))
+    assert all(len(f.read_text().splitlines()) == 2 for f in pred.glob("*.jsonl"))

@@ -97,6 +97,10 @@ class DataConfig:
     # training data. 0 = no hold-out.
     holdout_per_task: int = 0
     holdout_seed: int = 0
+    # sequential mode: evaluations after the stages before the last use only the first N of
+    # each task's evaluation instances (the final row always uses max_eval_per_task); None = all.
+    # Cuts a T x T matrix's cost ~max_eval/N-fold; its earlier rows are then noisier.
+    max_eval_per_task_intermediate: Optional[int] = None
     # the budget: conf/scale/<name>.yaml
     max_train_per_task: int = MISSING
     max_eval_per_task: int = MISSING
@@ -123,6 +127,8 @@ class DataConfig:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len} leaves no room for a prompt "
                               f"next to data.max_new_tokens={self.max_new_tokens}; raise it.")
         _choice("data.summary_metric", self.summary_metric, ["rougeL", "table4"])
+        if self.max_eval_per_task_intermediate is not None:
+            _positive("data.max_eval_per_task_intermediate", self.max_eval_per_task_intermediate)
         if self.holdout_per_task < 0:
             raise ConfigError(f"data.holdout_per_task={self.holdout_per_task} is negative; use 0 "
                               "(no hold-out) or a positive count.")

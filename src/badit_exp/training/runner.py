@@ -293,12 +293,13 @@ class Runner:
         todo = [t for t in stage.eval_tasks if t not in done]
         for t in tqdm(todo, desc=f"evaluate after {stage.name}",
                       disable=len(todo) < 2 or not self.is_main):
+            n = None if final else self.cfg.data.max_eval_per_task_intermediate
             method.start_eval(t)
             scores, records = evaluate_task(
-                model, self.tok, self.eval_tasks[t], self.eval_examples[t],
+                model, self.tok, take(self.eval_tasks[t], n), self.eval_examples[t][:n],
                 batch_size=self.cfg.trainer.eval_batch_size,
                 max_new_tokens=self.cfg.data.max_new_tokens, device=self.device,
-                autocast_dtype=self.autocast_dtype, loss_examples=self.eval_loss_examples[t],
+                autocast_dtype=self.autocast_dtype, loss_examples=self.eval_loss_examples[t][:n],
                 before_forward=lambda batch: method.before_forward(model, batch))
             method.end_eval(t)
             done[t] = scores
