@@ -17,7 +17,8 @@ METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
 MODES = sorted(p.stem for p in (REPO / "conf" / "training_mode").glob("*.yaml"))
 # methods whose YAML is another paper's released recipe (METHODS_NEXT.md), not SPEC's budget
 RELEASED_RECIPES = {"mola", "mixlora", "mixlora_k8", "mtl_lora", "lori", "mtlora", "mtlora_k8",
-                    "lora_r32", "lori_k8", "mtl_lora_k8"}
+                    "lora_r32", "lori_k8", "mtl_lora_k8", "pissa_r32", "flylora", "flylora_k8",
+                    "smora", "smora_k8"}
 ORDERS = sorted(p.stem for p in (REPO / "conf" / "task_order").glob("*.yaml"))
 
 

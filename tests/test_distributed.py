@@ -225,7 +225,8 @@ def test_zero2_killed_run_resumes_to_the_same_adapter(ddp_run, tmp_path, superni
     ("o_lora", "ddp"), ("badit", "zero2"), ("gainlora", "zero2"),
     ("hydralora", "ddp"), ("hydralora", "zero2"), ("mola", "ddp"), ("mola", "zero2"),
     ("mixlora", "ddp"), ("mixlora", "zero2"), ("mtl_lora", "ddp"), ("mtl_lora", "zero2"),
-    ("lori", "ddp"), ("lori", "zero2"), ("mtlora", "ddp"), ("mtlora", "zero2")])
+    ("lori", "ddp"), ("lori", "zero2"), ("mtlora", "ddp"), ("mtlora", "zero2"),
+    ("flylora", "ddp"), ("flylora", "zero2"), ("smora", "ddp"), ("smora", "zero2")])
 def test_every_method_trains_sequentially_in_parallel(method, dist, tmp_path, superni):
     """Each method's hooks (balancing loss, growing branches, projected gate updates) run under
     DDP / ZeRO-2 over several stages (a new engine per stage), replicas stay identical, and rank

@@ -39,7 +39,10 @@ class Row:
     # layers) of r=8 on the 7 projections; mixlora 8 x r=8 LoRAs on gate/up/down + q/v LoRA;
     # mtl_lora on q/k/v/o, r=8, 3 tasks: A 8*in + 3 Lambdas 8x8 + 3x3 mixing + 3 B's out x 8;
     # lori: only B (A frozen), r=32 on the 7 projections: 32 x (64+32+32+64+128+128+64) x 2;
-    # mtlora beside each MLP (d=64, one group): A 16x64 + 16 B's 64x16 + router 64x16, x 2
+    # mtlora beside each MLP (d=64, one group): A 16x64 + 16 B's 64x16 + router 64x16, x 2;
+    # flylora only B (A frozen), r=32 on the 7 projections: 32 x 512 out x 2 (as lori);
+    # smora r=64 on the 7: A 64 x in + router 64 x in + B out x 64, in = out = 512 summed, x 2;
+    # flylora_k8 B 128x32 x 2; smora_k8 r=32 on gate: A 32x64 + router 32x64 + B 128x32, x 2
     trainable_tiny_llama: int
 
 
@@ -68,8 +71,13 @@ METHODS: Dict[str, Row] = {
     "mtlora": Row(False, True, True, 36864),
     "mtlora_k8": Row(False, True, True, 16000),
     "lora_r32": Row(False, True, False, 12288),
+    "pissa_r32": Row(False, True, False, 12288),
     "lori_k8": Row(True, True, False, 8192),
     "mtl_lora_k8": Row(True, True, False, 12680),
+    "flylora": Row(False, True, False, 32768),
+    "flylora_k8": Row(False, True, False, 8192),
+    "smora": Row(False, True, False, 196608),
+    "smora_k8": Row(False, True, False, 16384),
 }
 ARCHS = ["tiny-llama", "tiny-qwen3", "tiny-gemma2"]
 CPU = resolve_device("cpu")

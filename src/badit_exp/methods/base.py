@@ -90,6 +90,22 @@ class Method:
         weight update, not one that depends on the input)."""
         return False
 
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Fold the trained adapter into the base weights; returns the plain model.
+
+        Raises:
+            ConfigError: the method is not mergeable (its update depends on the input, e.g.
+                through routing, so no single W + dW computes the trained function), or no
+                merge is implemented for it. Never a silent approximation.
+        """
+        if not self.mergeable():
+            raise ConfigError(
+                f"method kind {self.kind!r} is not mergeable: its weight update depends on the "
+                "input (routing or gates), so no single W + dW computes the trained function. "
+                "Keep the adapter (load_trained(..., merge=False)).")
+        raise ConfigError(f"merging is not implemented for method kind {self.kind!r} (a fixed "
+                          "update, but no merge was written); keep the adapter.")
+
     def describe(self) -> Dict[str, Any]:
         """Which variant runs, recorded in metrics.json."""
         return {"kind": self.kind}

@@ -35,10 +35,13 @@ class PeftLoraConfig(MethodConfig):
 
 @register("peft_lora", PeftLoraConfig)
 class PeftLora(Method):
-    def mergeable(self) -> bool:
-        return True  # W + s B A (PEFT's merge_and_unload)
-
     """A single PEFT LoRA adapter on ``target_modules``."""
+
+    def mergeable(self) -> bool:
+        return True  # W + s B A
+
+    def merge(self, model):
+        return model.merge_and_unload()  # PEFT's own
 
     def apply(self, model):
         c = self.cfg

@@ -25,9 +25,11 @@ def _typed(cls, data: dict):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
 
 
-def load_trained(run_dir: str | Path, cache_dir: str | Path,
-                 device: str = "cpu") -> Tuple[torch.nn.Module, object, object]:
-    """(model, tokenizer, method) with the run's final adapter, in eval mode."""
+def load_trained(run_dir: str | Path, cache_dir: str | Path, device: str = "cpu",
+                 merge: bool = False) -> Tuple[torch.nn.Module, object, object]:
+    """(model, tokenizer, method) with the run's final adapter, in eval mode; ``merge`` folds
+    the adapter into the base weights (:meth:`Method.merge`: a clear error for a method whose
+    update depends on the input)."""
     adir = Path(run_dir) / "adapter"
     meta = json.loads((adir / "method.json").read_text())
     mcfg = _typed(ModelConfig, meta["model"])
@@ -37,5 +39,7 @@ def load_trained(run_dir: str | Path, cache_dir: str | Path,
     base, tok = load_model_and_tokenizer(mcfg, Path(cache_dir), torch.device(device))
     model = method.apply(base)
     method.load_state_dict(model, load_file(str(adir / "adapter.safetensors")))
+    if merge:
+        model = method.merge(model)
     model.eval()
     return model, tok, method

@@ -208,3 +208,69 @@ def switch_balance_loss(probs: torch.Tensor, top_k: int,
     f = (sel * m[:, None]).sum(0) / (n * top_k)
     P = (p * m[:, None]).sum(0) / n
     return E * (f * P).sum()
+
+
+# ---------------------------------------------------------------------------- rank routers
+# The rank-wise methods (FlyLoRA, SMoRA) gate each of the r ranks of ONE LoRA per token. Their
+# routers read the layout's hidden h = A x (and, for `rank`, its own logits computed in the same
+# matmul as h) plus a per-rank balancing bias b, and return float32 gates (..., r) that are zero
+# off the selected ranks, with the selection's indices (..., k) for the bias balancer.
+class RankRouter(nn.Module):
+    """The interface of a rank router (no ``level``: always per token)."""
+
+    def __init__(self, rank: int, top_k: int, alpha: float):
+        super().__init__()
+        if not 1 <= top_k <= rank:
+            raise ValueError(f"top_k={top_k} must be in [1, rank={rank}]")
+        self.rank, self.top_k = rank, top_k
+        self.scaling = alpha / rank
+        self.logit_dim = 0  # rows the router adds to the layout's A matmul
+
+    def forward(self, h: torch.Tensor, logits: Optional[torch.Tensor],
+                bias: torch.Tensor):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ImplicitRankRouter(RankRouter):
+    """FlyLoRA: no parameters; binary top-k of h + b (``abs``: of |h + b|, the minimal release's
+    variant); scale alpha / r. The bias only chooses, it never enters the gate."""
+
+    def __init__(self, rank: int, top_k: int, alpha: float, *, abs_scores: bool = False, **_):
+        super().__init__(rank, top_k, alpha)
+        self.abs_scores = abs_scores
+
+    def forward(self, h, logits, bias):
+        s = h.detach().float() + bias
+        if self.abs_scores:
+            s = s.abs()
+        idx = s.topk(self.top_k, dim=-1).indices
+        return torch.zeros_like(s).scatter(-1, idx, 1.0), idx
+
+
+class SigmoidRankRouter(RankRouter):
+    """SMoRA: s = sigmoid(W_g x) (r / P values, each repeated P times), s' = s + b, top-k of s',
+    gates k * s'_i / sum_selected s'_j (``bias_in_gates``, the release) or the same with s
+    (the bias only chooses, DeepSeek-V3's loss-free balancing); scale alpha / k."""
+
+    def __init__(self, rank: int, top_k: int, alpha: float, *, partition: int = 1,
+                 bias_in_gates: bool = True, **_):
+        super().__init__(rank, top_k, alpha)
+        if partition < 1 or rank % partition:
+            raise ValueError(f"rank_partition={partition} must divide rank={rank}")
+        self.partition, self.bias_in_gates = partition, bias_in_gates
+        self.scaling = alpha / top_k
+        self.logit_dim = rank // partition
+
+    def forward(self, h, logits, bias):
+        s = torch.sigmoid(logits.float())
+        if self.partition > 1:
+            s = s.repeat_interleave(self.partition, dim=-1)
+        sb = s + bias
+        idx = sb.detach().topk(self.top_k, dim=-1).indices
+        val = (sb if self.bias_in_gates else s).gather(-1, idx)
+        val = self.top_k * val / val.sum(-1, keepdim=True)
+        return torch.zeros_like(s).scatter(-1, idx, val), idx
+
+
+RANK_ROUTERS: Dict[str, Type[RankRouter]] = {"implicit": ImplicitRankRouter,
+                                             "rank": SigmoidRankRouter}

@@ -27,6 +27,9 @@ class RoutingContext:
     reuse: bool = False
     record: bool = False
     keep_gates: bool = False
+    # counts the model's non-decoding forwards: a layer recomputed by gradient checkpointing
+    # sees its forward's id again (the rank-wise bias balancer counts each forward once)
+    forward_id: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,6 +55,7 @@ def attach_routing_hook(model: nn.Module, ctx: RoutingContext,
         ctx.reuse = past > 0
         if ctx.reuse:
             return None
+        ctx.forward_id += 1
         if am is None and ids is not None:
             am = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device)
         ctx.sequence_mask = am
