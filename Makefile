@@ -32,10 +32,10 @@ endif
 # Hydra wants -m before the overrides; the experiment's sweep writes under $(OUT)/<experiment>
 SWEEP  = $(LAUNCH) -m experiment=$(1) $(DIST_ARGS) model=$(MODEL) scale=$(SCALE) seed=$(SEEDS)
 
-.PHONY: help install lint run test test-all clean table1 table2 table3 table_mixtures table_interference fig4 fig12 study
+.PHONY: help install lint run test test-all clean table1 table2 table3 table_mixtures table_interference table_rankwise fig4 fig12 study tune study2 study2-report
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 	@echo "Variables: MODEL=<model config> SCALE=tiny|smoke|cpu|study_cpu|paper SEEDS=1,2,... NGPUS=<n> (n > 1: deepspeed launcher)"
 	@echo "           DIST=zero2|ddp (with NGPUS) TORCH=<torch requirement> EXTRAS=<pip extras> ARGS=<overrides for run/test>"
 
@@ -80,6 +80,10 @@ table_interference: install ## cross-task interference at BADIT's budget: LoRA, 
 	$(call SWEEP,table_interference)
 	$(PY) -m badit_exp.report $(OUT)/table_interference
 
+table_rankwise: install ## each rank an expert at BADIT's configuration: FlyLoRA, SMoRA, LoRA/PiSSA r=32, LoRAMoE, BADIT x mixed/sequential (conf/experiment/table_rankwise.yaml)
+	$(call SWEEP,table_rankwise)
+	$(PY) -m badit_exp.report $(OUT)/table_rankwise
+
 table3: ## Table 3: training time relative to LoRAMoE, from the table1/table2 runs' own timings
 	$(PY) -m badit_exp.report --timing $(OUT)/table1 $(OUT)/table2 --out $(OUT)/table3
 
@@ -98,3 +102,21 @@ study: install ## SPEC 9 study (conf/experiment/study_cpu.yaml; ARGS=seed=1 meth
 	$(PY) -m badit_exp.train experiment=study_cpu method=lora method.name=untrained trainer.epochs=0 hydra.run.dir=$(STUDY_OUT)/untrained
 	$(PY) -m badit_exp.train -m experiment=study_cpu hydra.sweep.dir=$(STUDY_OUT) $(ARGS)
 	$(PY) -m badit_exp.report --study $(STUDY_OUT) --out benchmarks/results --name study_cpu_smollm2
+
+# SPEC section 9.1: the tuned study (conf/study/$(STUDY2).yaml). Each method's learning rate is chosen
+# on a hold-out of train.json (`make tune`), written to benchmarks/results/$(STUDY2)/lr_choices.yaml,
+# then the study trains every method x seed at its rate and scores it on test (`make study2`).
+# Finished runs are copied into benchmarks/results/$(STUDY2)/runs/ (commit them) and never rerun.
+STUDY2  ?= study2_cpu
+MODE    ?= mixed
+METHODS ?=
+tune: install ## tune learning rates on the hold-out: METHODS=lora,badit MODE=mixed|sequential (conf/study/$(STUDY2).yaml)
+	$(PY) -m badit_exp.study tune --study $(STUDY2) --mode $(MODE) $(if $(METHODS),--methods $(METHODS))
+	$(PY) -m badit_exp.study report --study $(STUDY2)
+
+study2: install ## the tuned study at the chosen rates, scored on test: MODE=mixed|sequential [METHODS=...] [STUDY_SEEDS=1,2,3]
+	$(PY) -m badit_exp.study run --study $(STUDY2) --mode $(MODE) $(if $(METHODS),--methods $(METHODS)) $(if $(STUDY_SEEDS),--seeds $(STUDY_SEEDS))
+	$(PY) -m badit_exp.study report --study $(STUDY2)
+
+study2-report: install ## rebuild the tuned study's tables and figure from the committed run files
+	$(PY) -m badit_exp.study report --study $(STUDY2)

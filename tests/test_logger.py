@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import types
@@ -9,6 +10,7 @@ import types
 import pytest
 
 from badit_exp.compose import validate
+from badit_exp.config import ConfigError
 from badit_exp.training.logger import RunLogger
 from conftest import compose_cfg
 
@@ -16,7 +18,27 @@ from conftest import compose_cfg
 def test_logger_switch_composes():
     cfg = validate(compose_cfg(["logger=wandb"]))
     assert (cfg.logger.name, cfg.logger.project, cfg.logger.mode) == ("wandb", "badit_exp", "offline")
-    assert validate(compose_cfg(["logger=tensorboard"])).logger.name == "tensorboard"
+    if importlib.util.find_spec("tensorboard") is not None:
+        assert validate(compose_cfg(["logger=tensorboard"])).logger.name == "tensorboard"
+
+
+def test_tensorboard_missing_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """Without the package, the run stops at validation with the install command, exit 2."""
+    import subprocess
+    import sys
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[tensorboard\]'"):
+        validate(compose_cfg(["logger=tensorboard"]))
+    if real("tensorboard") is None:  # the CLI as a new user meets it
+        proc = subprocess.run([sys.executable, "-m", "badit_exp.train", "logger=tensorboard",
+                               "model=tiny-llama", f"hydra.run.dir={tmp_path}"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "pip install -e '.[tensorboard]'" in proc.stderr + proc.stdout
+        assert not (tmp_path / "train_log.jsonl").exists()
 
 
 def test_wandb_gets_names_config_and_numeric_values(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ ConfigStore and validation, which need the method registry, live in :mod:`badit_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import importlib.util
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
@@ -253,6 +254,10 @@ class LoggerConfig:
     def __post_init__(self) -> None:
         _choice("logger.name", self.name, ["none", "wandb", "tensorboard"])
         _choice("logger.mode", self.mode, ["offline", "online", "disabled"])
+        if self.name == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("logger=tensorboard needs the tensorboard package, which is not "
+                              "installed: pip install -e '.[tensorboard]' (or make install "
+                              "EXTRAS=dev,dist,launchers,tensorboard), or use logger=none|wandb.")
 
 
 @dataclass

@@ -7,8 +7,11 @@ authors' code (SPEC section 8), on purpose:
 * DOG permutes the optimizer's Adam moments (and the gradients about to be applied, and the
   EMA gradient buffer) together with the parameters, so a step after a regroup equals the step
   on a model where everything had been permuted before.
-* The balanced assignment is exact (Hungarian algorithm on the r-fold repeated expert
-  columns): every expert holds exactly r components, none is duplicated or lost.
+* The grouping is balanced by construction: every expert holds exactly r components, none is
+  duplicated or lost. The default solver (``dog.solver=search``) is a multi-start pair-swap
+  local search on the DOG objective; ``dog.solver=paper`` is the paper's orthogonalised
+  centroids with an exact Hungarian assignment on the r-fold repeated expert columns
+  (:mod:`.dog_solver`).
 * The regrouping is a pure function of the (reduced) gradients, so every process of a data-
   parallel run that calls it with the same gradients reaches the same grouping.
 
