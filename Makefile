@@ -9,6 +9,7 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,dist,launchers
 PY     := $(VENV)/bin/python
 ARGS   ?=
+TEST_WORKERS ?= 2
 
 # Reproduction targets: each names an experiment file (conf/experiment/<target>.yaml, which holds
 # its sweep) at a scale (conf/scale/: tiny | smoke | cpu | study_cpu | paper) on MODEL.
@@ -55,11 +56,11 @@ run: install ## install, then the default job: SmolLM2-135M, LoRA, mixed, 15 tas
 lint: install ## ruff (config in pyproject.toml)
 	$(VENV)/bin/ruff check .
 
-test: install lint ## install, lint, then the fast test suite
-	$(PY) -m pytest -q $(ARGS)
+test: install lint ## install, lint, then the fast test suite (TEST_WORKERS pytest-xdist processes)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 test-all: install ## every test, slow and distributed ones included
-	$(PY) -m pytest -q --runslow $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --runslow $(ARGS)
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .cache .pytest_cache

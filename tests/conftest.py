@@ -20,7 +20,16 @@ TASKS3 = ["task363_sst2_polarity_classification", "task875_emotion_classificatio
           "task073_commonsenseqa_answer_generation"]
 
 register_configs()
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one torch thread per pytest-xdist worker (`make test` runs two on 2 cores), else up to 2
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
+                      min(2, torch.get_num_threads()))
+SLOW = pytest.mark.slow
+
+
+def slow_unless(fast: bool, *values):
+    """A parametrize case that runs in the fast suite when ``fast``, else only with --runslow
+    (the heavier duplicates: the same code path at another size or architecture)."""
+    return pytest.param(*values, marks=() if fast else SLOW)
 
 
 def pytest_addoption(parser):

@@ -10,7 +10,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from badit_exp.compose import CONF_DIR, validate
 from badit_exp.config import ConfigError
-from conftest import REPO, compose_cfg
+from conftest import REPO, compose_cfg, slow_unless
 
 MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
@@ -38,8 +38,9 @@ def _check(cfg, model, method, mode):
         assert "gate_proj" in cfg.method.target_modules
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model,method", [
+    slow_unless(model == "tiny-llama" or method == "lora", model, method)
+    for method in METHODS for model in MODELS])
 def test_every_model_and_method_compose(model, method):
     """model x method (the optional method_model/preset files depend on both)."""
     cfg = validate(compose_cfg([f"model={model}", f"method={method}"]))

@@ -202,6 +202,7 @@ def test_zero2_dog_rewrites_partitioned_state_like_ddp(ddp_run, tmp_path, supern
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # resume across engines is in the slow suite too
 @pytest.mark.skipif(not HAS_DS, reason="deepspeed is not installed (pip install -e .[dist])")
 def test_zero2_killed_run_resumes_to_the_same_adapter(ddp_run, tmp_path, superni):
     """Kill both ranks after step 3 (checkpoint at step 2, mid-epoch), start again: the

@@ -13,7 +13,8 @@ def _check_run_files(run_dir, tasks):
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["tasks"] == list(tasks) and set(m["scores"]) == set(tasks)
     for t in tasks:
-        assert set(m["scores"][t]) == {"rougeL", "exact_match"}
+        assert set(m["scores"][t]) == {"rougeL", "exact_match", "loss"}
+        assert m["scores"][t]["loss"] > 0  # teacher-forced target loss on the evaluated split
         rows = [json.loads(l) for l in (run_dir / "predictions" / f"{t}.jsonl").read_text().splitlines()]
         assert len(rows) == 2 and {"id", "prediction", "references", "rougeL", "exact_match"} <= set(rows[0])
     assert m["rouge"] == pytest.approx(sum(m["scores"][t]["rougeL"] for t in tasks) / len(tasks))
@@ -54,9 +55,9 @@ def test_same_seed_same_numbers(tmp_path):
 def test_other_benchmark_root(tmp_path):
     root = tmp_path / "bench"
     for name in ("taskA_echo", "taskB_upper"):
-        for split in ("train", "test"):
+        for split, ids in (("train", range(6)), ("test", range(6, 12))):  # disjoint splits
             inst = [{"id": f"{name}-{i}", "input": f"word{i}",
-                     "output": [f"word{i}".upper() if "upper" in name else f"word{i}"]} for i in range(6)]
+                     "output": [f"word{i}".upper() if "upper" in name else f"word{i}"]} for i in ids]
             (root / name).mkdir(parents=True, exist_ok=True)
             (root / name / f"{split}.json").write_text(json.dumps(
                 {"Definition": [f"Do {name}."], "Instances": inst}))

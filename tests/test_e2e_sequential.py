@@ -11,7 +11,7 @@ from badit_exp.methods.peft_lora import PeftLora
 from badit_exp.training import runner as runner_mod
 from badit_exp.training import stages as stages_mod
 from badit_exp.training.checkpoint import CheckpointError
-from conftest import TASKS3, compose_cfg, run_tiny, tiny_overrides
+from conftest import TASKS3, compose_cfg, run_tiny, slow_unless, tiny_overrides
 
 SEQ = ["training_mode=sequential", "trainer.epochs=1"]
 # order1 restricted to TASKS3: 073 before 1687? order1 = 591 073 1687 875 ... 363 ...
@@ -113,7 +113,8 @@ def _log_rows(path, keys):
     return [{k: r.get(k) for k in keys} for r in rows]
 
 
-@pytest.mark.parametrize("method", ["lora", "badit", "badit_ema", "badit_overlap"])
+@pytest.mark.parametrize("method", ["lora", "badit", slow_unless(False, "badit_ema"),
+                                    slow_unless(False, "badit_overlap")])
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method):
     """Killed mid-epoch and restarted = uninterrupted, bit for bit (with DOG's EMA gradient
     buffers, which the checkpoint must carry, for badit_ema)."""

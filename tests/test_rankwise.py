@@ -12,7 +12,7 @@ from badit_exp.config import ConfigError
 from badit_exp.methods.moe.rankwise import RankGatedLinear, balance_step, sparse_random_A
 from badit_exp.methods.moe.routers import RANK_ROUTERS
 from badit_exp.methods.moe.routing import RoutingContext
-from conftest import TASKS3, run_cli
+from conftest import TASKS3, run_cli, slow_unless
 
 D_IN, D_OUT, R, K = 12, 10, 8, 3
 
@@ -229,14 +229,15 @@ def test_config_errors():
         load(["method=smora", "method.rank_partition=3"])
 
 
-@pytest.mark.parametrize("method", ["flylora", "flylora_k8", "smora", "smora_k8"])
+@pytest.mark.parametrize("method", [slow_unless(False, "flylora"), "flylora_k8",
+                                    slow_unless(False, "smora"), "smora_k8"])
 def test_issue_cli_run(method, tmp_path):
     m = run_cli(tmp_path / "run", method)
     assert m["method"] == method and set(m["scores"]) == set(TASKS3)
     assert m["target_loss"]["step0"] == pytest.approx(m["target_loss"]["pretrained"])
 
 
-@pytest.mark.parametrize("method", ["flylora_k8", "smora_k8"])
+@pytest.mark.parametrize("method", ["flylora_k8", slow_unless(False, "smora_k8")])
 def test_issue_cli_run_sequential(method, tmp_path):
     m = run_cli(tmp_path / "run", method, extra=["training_mode=sequential"])
     assert len(m["matrix"]["summary"]) == 3 and all(len(r) == 3 for r in m["matrix"]["summary"])
