@@ -222,3 +222,15 @@ def test_sequential_intermediate_evaluations_use_fewer_examples(tmp_path):
         assert all(len(f.read_text().splitlines()) == 1 for f in s.glob("*.jsonl"))
     assert all(len(f.read_text().splitlines()) == 2 for f in stages[-1].glob("*.jsonl"))
     assert all(len(f.read_text().splitlines()) == 2 for f in pred.glob("*.jsonl"))
+
+
+def test_missing_tuned_rate_is_one_line_on_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "badit_exp.train", "experiment=study2_cpu",
+                           "method=lora_r32", "training_mode=single", "model=tiny-llama",
+                           f"paths.output_dir={tmp_path}"], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no tuned learning rate for method=lora_r32 in training_mode=single" in proc.stderr

@@ -12,8 +12,8 @@ ConfigStore and validation, which need the method registry, live in :mod:`badit_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import importlib.util
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING

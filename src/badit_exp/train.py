@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import InterpolationResolutionError
 
 from badit_exp.compose import CONF_DIR, register_configs, validate
 from badit_exp.config import ConfigError
@@ -57,6 +58,11 @@ def main(cfg: DictConfig) -> float:
         result = run(cfg, run_dir)
     except (ConfigError, DataError, CheckpointError) as e:
         log.error("%s: %s", type(e).__name__, e)
+        sys.exit(2)
+    except InterpolationResolutionError as e:  # a resolver's ConfigError (a tuned rate missing)
+        if "ConfigError raised while resolving" not in str(e):
+            raise
+        log.error("ConfigError: %s", str(e).split("interpolation: ", 1)[-1].splitlines()[0])
         sys.exit(2)
     if result is None:  # a rank other than 0 of a data-parallel run: rank 0 reports
         return 0.0
