@@ -232,5 +232,6 @@ def test_missing_tuned_rate_is_one_line_on_the_cli(tmp_path):
                            "method=lora_r32", "training_mode=single", "model=tiny-llama",
                            f"paths.output_dir={tmp_path}"], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "no tuned learning rate for method=lora_r32 in training_mode=single" in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out
+    assert "no tuned learning rate for method=lora_r32 in training_mode=single" in out
