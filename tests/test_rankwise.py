@@ -208,6 +208,27 @@ def test_bias_bit_identical_through_evaluation_and_generation(method):
     assert any(not torch.equal(l.rank_bias, before[n]) for n, l in m.layers.items())
 
 
+@pytest.mark.parametrize("method", ["flylora_k8", "smora_k8"])
+def test_gradient_checkpointing_recomputation_counts_once(method):
+    """With the model's own gradient checkpointing, the backward pass recomputes every layer;
+    the counts still hold each real token's k selections once."""
+    m, model, _ = _tiny(method)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(5, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    calls = []
+    for l in m.layers.values():
+        l.register_forward_hook(lambda *a: calls.append(1))
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    n_forward = len(calls)
+    out.loss.backward()
+    assert len(calls) == 2 * n_forward  # the backward did recompute every layer
+    for l in m.layers.values():
+        assert l.rank_counts.sum().item() == int(mask.sum()) * l.top_k
+
+
 @pytest.mark.parametrize("method", ["flylora", "smora_k8"])
 def test_not_mergeable_and_merge_is_refused(method):
     m, model, _ = _tiny(method)
@@ -237,7 +258,8 @@ def test_issue_cli_run(method, tmp_path):
     assert m["target_loss"]["step0"] == pytest.approx(m["target_loss"]["pretrained"])
 
 
-@pytest.mark.parametrize("method", ["flylora_k8", slow_unless(False, "smora_k8")])
+@pytest.mark.parametrize("method", ["flylora_k8", slow_unless(False, "smora_k8"),
+                                    slow_unless(False, "flylora"), slow_unless(False, "smora")])
 def test_issue_cli_run_sequential(method, tmp_path):
     m = run_cli(tmp_path / "run", method, extra=["training_mode=sequential"])
     assert len(m["matrix"]["summary"]) == 3 and all(len(r) == 3 for r in m["matrix"]["summary"])
