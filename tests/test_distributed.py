@@ -284,6 +284,7 @@ def test_resume_across_engines(first, then, ddp_run, tmp_path, superni):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # the fast suite keeps ZeRO-2 == DDP through DOG's partitioned rewrite
 @pytest.mark.skipif(not HAS_DS, reason="deepspeed is not installed (pip install -e .[dist])")
 def test_zero2_equals_ddp_with_accumulation_and_function_preserving_dog(tmp_path, superni):
     """Gradient accumulation over 3 micro-batches (with a short last window per epoch) and the

@@ -113,7 +113,8 @@ def _log_rows(path, keys):
     return [{k: r.get(k) for k in keys} for r in rows]
 
 
-@pytest.mark.parametrize("method", ["lora", "badit", slow_unless(False, "badit_ema"),
+@pytest.mark.parametrize("method", [slow_unless(False, "lora"), "badit",
+                                    slow_unless(False, "badit_ema"),
                                     slow_unless(False, "badit_overlap")])
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method):
     """Killed mid-epoch and restarted = uninterrupted, bit for bit (with DOG's EMA gradient

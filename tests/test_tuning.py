@@ -128,7 +128,7 @@ def test_choices_file_and_resolver(tmp_path):
     choices = T.read_choices(p)
     assert choices["mixed"]["badit"]["interior"] is True
     cfg = load(["experiment=study2_cpu", "method=badit", "trainer.lr=5e-4"])
-    assert cfg.trainer.lr == 5e-4 and "lr0.0005" in cfg.run_name
+    assert cfg.trainer.lr == 5e-4
 
 
 # ---------------------------------------------------------------------------- statistics
