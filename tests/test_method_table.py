@@ -90,8 +90,7 @@ SIZE_VARIANTS = {"lora_r32": "lora", "pissa_r32": "pissa", "hydralora_k8": "hydr
                  "smora_k8": "smora"}
 # on Qwen3 and Gemma-2 the fast suite runs one row per layer kind and init (every row runs on
 # tiny-llama); the others there with --runslow
-ARCH_FAST = {"lora", "pissa", "olora", "gainlora", "loramoe", "badit", "mixlora", "mtl_lora",
-             "lori", "mtlora", "flylora", "smora"}
+ARCH_FAST = {"lora", "pissa", "badit", "mixlora", "mtlora", "smora"}
 FULL = [slow_unless(n not in SIZE_VARIANTS, n) for n in sorted(METHODS)]
 
 

@@ -134,8 +134,8 @@ def test_mola_experts_grow_with_depth():
         _build("mola", "method.experts_by_depth=[]", "method.experts_per_layer=[3,5,7]")
 
 
-@pytest.mark.parametrize("method", [slow_unless(False, "hydralora"), "hydralora_k8", "mola",
-                                    slow_unless(False, "mixlora")])
+@pytest.mark.parametrize("method", [slow_unless(False, "hydralora"), "hydralora_k8",
+                                    slow_unless(False, "mola"), slow_unless(False, "mixlora")])
 def test_the_issue_cli_run_writes_metrics(tmp_path, method):
     d = tmp_path / "r"
     m = run_cli(d, method, tasks=TASKS3[:2])
@@ -146,8 +146,8 @@ def test_the_issue_cli_run_writes_metrics(tmp_path, method):
     assert (d / "router_usage_mixed.png").exists()
 
 
-@pytest.mark.parametrize("method", [slow_unless(False, "hydralora"), "hydralora_k8",
-                                    slow_unless(False, "mola"), "mixlora"])
+@pytest.mark.parametrize("method", [slow_unless(False, "hydralora"),
+                                    slow_unless(False, "hydralora_k8"), "mola", "mixlora"])
 def test_sequential_on_three_tasks_writes_the_3x3_matrix(tmp_path, method, superni):
     from badit_exp import metrics as M
     from conftest import run_tiny, tiny_overrides

@@ -87,6 +87,10 @@ def test_sequential_resets_the_new_task_and_can_freeze_the_past(tmp_path, monkey
 
 def test_the_issue_cli_runs(tmp_path):
     assert run_cli(tmp_path / "mixed", "mtl_lora")["method_variant"]["task_id"]
+
+
+@pytest.mark.slow
+def test_the_issue_cli_runs_sequential(tmp_path):
     run_cli(tmp_path / "seq", "mtl_lora", ["training_mode=sequential"])
     stages, tasks, A = M.read_matrix_csv(tmp_path / "seq" / "scores.csv")
     assert len(stages) == 3 and all(len(r) == 3 for r in A)

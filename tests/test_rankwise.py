@@ -251,14 +251,14 @@ def test_config_errors():
 
 
 @pytest.mark.parametrize("method", [slow_unless(False, "flylora"), "flylora_k8",
-                                    slow_unless(False, "smora"), "smora_k8"])
+                                    slow_unless(False, "smora"), slow_unless(False, "smora_k8")])
 def test_issue_cli_run(method, tmp_path):
     m = run_cli(tmp_path / "run", method)
     assert m["method"] == method and set(m["scores"]) == set(TASKS3)
     assert m["target_loss"]["step0"] == pytest.approx(m["target_loss"]["pretrained"])
 
 
-@pytest.mark.parametrize("method", ["flylora_k8", slow_unless(False, "smora_k8"),
+@pytest.mark.parametrize("method", [slow_unless(False, "flylora_k8"), "smora_k8",
                                     slow_unless(False, "flylora"), slow_unless(False, "smora")])
 def test_issue_cli_run_sequential(method, tmp_path):
     m = run_cli(tmp_path / "run", method, extra=["training_mode=sequential"])
