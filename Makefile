@@ -57,10 +57,10 @@ lint: install ## ruff (config in pyproject.toml)
 	$(VENV)/bin/ruff check .
 
 test: install lint ## install, lint, then the fast test suite (TEST_WORKERS pytest-xdist processes)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-all: install ## every test, slow and distributed ones included
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --runslow $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --runslow $(ARGS)
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .cache .pytest_cache

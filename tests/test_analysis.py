@@ -126,6 +126,7 @@ def test_experts_end_to_end(tmp_path):
     assert (d / "experts.png").exists()
 
 
+@pytest.mark.slow
 def test_experts_on_a_lora_run_is_a_clear_error(tmp_path):
     run_tiny(tmp_path / "lora", tiny_overrides(tmp_path, tasks=TASKS3[:1], extra=["trainer.epochs=1"]))
     out = subprocess.run([sys.executable, "-m", "badit_exp.analyze", "experts", "model=tiny-llama",

@@ -172,8 +172,9 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("method,cls", [("o_lora", "badit_exp.methods.o_lora.OLora"),
-                                        ("gainlora", "badit_exp.methods.gainlora.GainLora")])
+@pytest.mark.parametrize("method,cls", [
+    pytest.param("o_lora", "badit_exp.methods.o_lora.OLora", marks=pytest.mark.slow),
+    ("gainlora", "badit_exp.methods.gainlora.GainLora")])
 def test_continual_resume_mid_task_equals_uninterrupted(tmp_path, monkeypatch, method, cls):
     import importlib
 
