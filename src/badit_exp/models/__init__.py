@@ -101,12 +101,31 @@ def _from_hub(loader, cfg, **kwargs):
             from None
 
 
+def smollm2_tokenizer(cache_dir: Path) -> Path:
+    """SmolLM2's tokenizer alone, read from the GGUF file once into
+    ``cache_dir/smollm2-135m-instruct-tokenizer`` (~4 s): the tiny test models need only the
+    tokenizer, not the 538 MB weight conversion of :func:`smollm2_cached`."""
+    target = Path(cache_dir) / "smollm2-135m-instruct-tokenizer"
+    if (target / "tokenizer_config.json").exists():
+        return target
+    gguf = smollm2_gguf_path()
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: keep its copy
+        if not (target / "tokenizer_config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def load_tokenizer(cfg, cache_dir: Path) -> PreTrainedTokenizerBase:
     """The model's tokenizer (pad = eos where it has none)."""
     if cfg.source == "hub":
         tok = _from_hub(AutoTokenizer, cfg)
     else:
-        tok = AutoTokenizer.from_pretrained(smollm2_cached(cache_dir))
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer(cache_dir))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
