@@ -145,6 +145,29 @@ def test_paired_bootstrap_separates_a_real_difference_from_none():
     assert hi - lo < 2
 
 
+def test_task_weighted_bootstrap_is_the_difference_of_task_means():
+    # two seeds, a task with 4 examples and one with 1: the weighted difference is the mean
+    # over seeds of each run's mean over tasks, not the per-example mean
+    keys = [(s, t, i) for s in (1, 2) for t, n in (("ta", 4), ("tb", 1)) for i in range(n)]
+    a = np.array([10.0, 10, 10, 10, 50, 12, 12, 12, 12, 40])
+    b = np.zeros(10)
+    w = T.task_weights(keys)
+    diff, lo, hi = T.paired_bootstrap(a, b, weights=w, n_resamples=999)
+    assert diff == pytest.approx(((10 + 50) / 2 + (12 + 40) / 2) / 2)  # 28, not 16.8
+    assert T.paired_bootstrap(a, b)[0] == pytest.approx(a.mean())
+    assert lo <= diff <= hi
+    with pytest.raises(ValueError, match="weights"):
+        T.paired_bootstrap(a, b, weights=w[:3])
+
+
+def test_a_difference_inside_the_seed_spread_is_not_measurable():
+    assert T.seed_verdict(0.5, 2.0, [1.0, 2.0, 0.3]) == "measurably higher"
+    assert T.seed_verdict(-2.0, -0.5, [-1.0]) == "measurably lower"
+    v = T.seed_verdict(0.5, 2.0, [3.0, 1.0, -0.4])
+    assert v.startswith("no measurable difference") and "2 of 3 seeds" in v
+    assert T.seed_verdict(-0.5, 2.0, [3.0, 1.0]) == "no measurable difference"
+
+
 def test_mean_std_single_seed_is_unknown():
     assert T.fmt_mean_std([20.0]) == "20.00 ± ?"
     assert T.fmt_mean_std([1.0, 3.0]) == "2.00 ± 1.41"
@@ -208,6 +231,7 @@ def test_report_from_hand_made_run_dirs(tmp_path):
     md = (tmp_path / "study_mixed.md").read_text()
     assert "| badit | 3e-4 | 2 |" in md and "measurably higher" in md
     assert "no measurable difference" in md
+    assert pairs["badit-lora_r32"]["per_seed"] == pytest.approx([8, 8])
     assert json.loads((tmp_path / "study.json").read_text())["study"]["mixed"]["rows"]["lora"]
 
 

@@ -181,23 +181,29 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                 continue
             ua = {k: v for r in by[m] for k, v in r["units"].items()}
             ub = {k: v for r in by[base] for k, v in r["units"].items()}
-            a, b = T.align(ua, ub)
+            a, b, keys = T.align(ua, ub, keys=True)
             if len(a) < 2:
                 continue
-            diff, lo, hi = T.paired_bootstrap(a, b)
+            diff, lo, hi = T.paired_bootstrap(a, b, weights=T.task_weights(keys))
             la = {k: v for r in by[m] for k, v in r["loss_units"].items()}
             lb = {k: v for r in by[base] for k, v in r["loss_units"].items()}
-            x, y = T.align(la, lb)
-            ld = T.paired_bootstrap(x, y) if len(x) >= 2 else None
-            verdict = ("measurably higher" if lo > 0 else "measurably lower" if hi < 0
-                       else "no measurable difference")
-            n_seeds = len({k[0] for k in set(ua) & set(ub)})
-            pairs.append(f"| {m} − {base} | {diff:+.2f} [{lo:+.2f}, {hi:+.2f}] | {verdict} | "
+            x, y, lkeys = T.align(la, lb, keys=True)
+            ld = (T.paired_bootstrap(x, y, weights=T.task_weights(lkeys)) if len(x) >= 2
+                  else None)
+            ra = {r["seed"]: r["rouge"] for r in by[m]}
+            rb = {r["seed"]: r["rouge"] for r in by[base]}
+            per_seed = [ra[sd] - rb[sd] for sd in sorted(set(ra) & set(rb))]
+            verdict = T.seed_verdict(lo, hi, per_seed)
+            n_seeds = len({k[0] for k in keys})
+            pairs.append(f"| {m} − {base} | {diff:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                         + ", ".join(f"{x:+.2f}" for x in per_seed) + f" | {verdict} | "
                          + (f"{ld[0]:+.3f} [{ld[1]:+.3f}, {ld[2]:+.3f}]" if ld else "n/a")
                          + f" | {len(a)} ({n_seeds} seeds) |")
-            pair_data[f"{m}-{base}"] = {"rougeL": [diff, lo, hi], "loss": list(ld) if ld else None,
+            pair_data[f"{m}-{base}"] = {"rougeL": [diff, lo, hi], "per_seed": per_seed,
+                                        "verdict": verdict,
+                                        "loss": list(ld) if ld else None,
                                         "units": len(a), "seeds": n_seeds}
-    n_test = sorted({len(r["units"]) // 1 for r in mine})
+    n_test = "/".join(str(n) for n in sorted({len(r["units"]) for r in mine}))
     budget = mine[0]["config"]
     dcfg, tcfg = budget["data"], budget["trainer"]
     lines = [f"# Tuned study, {mode} training: each method at its own learning rate", "",
@@ -210,11 +216,15 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
              "task). ROUGE-L is the mean over tasks; ± is the sample std over seeds ('?' for "
              "one seed).", "", head, "|---" * (head.count("|") - 1) + "|", *rows, "",
              "Paired differences (method − baseline) over the same (seed, test example) units, "
-             "95% paired bootstrap interval (scipy.stats.bootstrap, BCa, 9999 resamples); "
-             "a difference is measurable only when its interval excludes 0. Target loss: "
-             "teacher-forced, nats per target token (lower is better).", "",
-             "| pair | ROUGE-L diff [95% CI] | verdict | target-loss diff [95% CI] | units |",
-             "|---|---|---|---|---|", *pairs, "",
+             "95% paired bootstrap interval (scipy.stats.bootstrap, BCa, 9999 resamples; each "
+             "unit weighted 1 / its (seed, task)'s count, so the difference is that of the "
+             "ROUGE-L column, a mean over tasks); per seed: the two runs' ROUGE-L difference at "
+             "the same seed. A difference is measurable only when its interval excludes 0 and "
+             "every seed's difference has its sign. Target loss: teacher-forced, nats per "
+             "target token (lower is better).", "",
+             "| pair | ROUGE-L diff [95% CI] | per seed | verdict | target-loss diff [95% CI] "
+             "| units |",
+             "|---|---|---|---|---|---|", *pairs, "",
              f"Runs: {len(mine)}, {_hours(mine):.1f} process-hours; machine: {_machine(mine)}."]
     atomic_write_text(out_dir / f"study_{mode}.md", "\n".join(lines) + "\n")
     return {"rows": data, "pairs": pair_data}

@@ -136,13 +136,16 @@ def tuned_lr(path: str, method: str, mode: str, root: Optional[str] = None) -> f
 
 
 # ---------------------------------------------------------------------------- statistics
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int = 9999,
-                     confidence: float = 0.95, seed: int = 0) -> Tuple[float, float, float]:
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, weights: Optional[np.ndarray] = None,
+                     n_resamples: int = 9999, confidence: float = 0.95,
+                     seed: int = 0) -> Tuple[float, float, float]:
     """Mean of ``a - b`` and its paired bootstrap interval (``scipy.stats.bootstrap``,
-    ``paired=True``, BCa).
+    ``paired=True``, BCa; percentile where BCa is undefined).
 
     Args:
         a, b: the same units (test example x seed) scored by two methods, aligned.
+        weights: one per unit (resampled with it); the statistic is then the weighted mean of
+            ``a - b``. :func:`task_weights` makes it the tables' mean over tasks.
     Returns:
         (mean difference, low, high)
     """
@@ -152,18 +155,50 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_resamples: int = 9999,
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"paired samples must be two aligned 1-d arrays, got {a.shape} and "
                          f"{b.shape}")
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != a.shape or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {a.shape} non-negative numbers, not all 0")
     d = a - b
-    diff = float(np.mean(d))
+    diff = float(np.sum(w * d) / np.sum(w))
     if np.ptp(d) <= 1e-9 * max(1.0, abs(diff)):  # no spread: the interval is the point
         return diff, diff, diff
+
+    def stat(x, y, v, axis=-1):
+        return np.sum(v * (x - y), axis=axis) / np.sum(v, axis=axis)
+
     for method in ("BCa", "percentile"):  # BCa is undefined on near-degenerate samples
-        res = bootstrap((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), paired=True,
-                        n_resamples=n_resamples, confidence_level=confidence, method=method,
+        res = bootstrap((a, b, w), stat, paired=True, n_resamples=n_resamples,
+                        confidence_level=confidence, method=method,
                         random_state=np.random.default_rng(seed), vectorized=True)
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
         if np.isfinite(lo) and np.isfinite(hi):
             break
     return diff, lo, hi
+
+
+def task_weights(keys: Sequence[Tuple]) -> np.ndarray:
+    """Per-unit weights ``1 / (units of the same (seed, task))`` for units keyed
+    ``(seed, task, id)``: the weighted mean of per-example scores is then the mean over seeds
+    of each run's mean over tasks, the number the tables state (tasks with fewer test
+    examples count as much as the others)."""
+    n: Dict[Tuple, int] = {}
+    for k in keys:
+        n[k[:2]] = n.get(k[:2], 0) + 1
+    return np.array([1.0 / n[k[:2]] for k in keys])
+
+
+def seed_verdict(low: float, high: float, per_seed: Sequence[float]) -> str:
+    """SPEC 9.3 plus the house rule that a difference inside the spread over seeds is no
+    difference: "measurably higher/lower" only when the interval excludes 0 and, with two or
+    more seeds, every seed's difference has the interval's sign."""
+    if not measurable(low, high):
+        return "no measurable difference"
+    sign = 1 if low > 0 else -1
+    if len(per_seed) >= 2 and any(np.sign(x) != sign for x in per_seed):
+        agree = sum(np.sign(x) == sign for x in per_seed)
+        return (f"no measurable difference (interval excludes 0, but only {agree} of "
+                f"{len(per_seed)} seeds agree)")
+    return "measurably higher" if sign > 0 else "measurably lower"
 
 
 def measurable(low: float, high: float) -> bool:
@@ -184,12 +219,14 @@ def fmt_mean_std(values: Sequence[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {'?' if s is None else f'{s:.{digits}f}'}"
 
 
-def align(units_a: Mapping[Tuple, float], units_b: Mapping[Tuple, float]) -> Tuple[np.ndarray,
-                                                                                    np.ndarray]:
-    """The values of the units (e.g. (seed, task, id)) both methods have, in one order."""
-    keys = sorted(set(units_a) & set(units_b))
-    return (np.array([units_a[k] for k in keys], dtype=float),
-            np.array([units_b[k] for k in keys], dtype=float))
+def align(units_a: Mapping[Tuple, float], units_b: Mapping[Tuple, float], *,
+          keys: bool = False):
+    """The values of the units (e.g. (seed, task, id)) both methods have, in one order (and
+    those keys, with ``keys=True``)."""
+    common = sorted(set(units_a) & set(units_b))
+    out = (np.array([units_a[k] for k in common], dtype=float),
+           np.array([units_b[k] for k in common], dtype=float))
+    return (*out, common) if keys else out
 
 
 def per_task_mean(units: Mapping[Tuple, float]) -> float:
