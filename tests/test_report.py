@@ -12,15 +12,16 @@ from badit_exp.compose import validate
 from conftest import CACHE, REPO, SUPERNI, TASKS3, compose_cfg
 
 
-def _fake(tmp, name, seed, rouge, forget, cfg_extra=None, model="qwen3-8b", mode="sequential"):
+def _fake(tmp, name, seed, rouge, forget, cfg_extra=None, model="qwen3-8b", mode="sequential",
+          method="badit"):
     cfg = {"data": {"max_train_per_task": 1000, "max_eval_per_task": 100, "max_seq_len": 1024,
                     "max_new_tokens": 50, "tasks": [f"t{i}" for i in range(15)]},
            "trainer": {"epochs": 10, "per_device_batch_size": 1, "lr": 2e-4}, "seed": seed,
            "run_name": name, "scale": {"name": "paper"},
-           "method": {"name": "badit"}, "task_order": {"name": f"order{seed}"}}
+           "method": {"name": method}, "task_order": {"name": f"order{seed}"}}
     if cfg_extra:
         cfg["trainer"].update(cfg_extra)
-    m = {"mode": mode, "model": model, "method": "badit", "seed": seed, "config": cfg,
+    m = {"mode": mode, "model": model, "method": method, "seed": seed, "config": cfg,
          "rouge": rouge, "forward": None, "forget_rate": forget, "backward": -1.0,
          "forget_rate_textbook": 1.0, "backward_textbook": -2.0}
     d = tmp / name
@@ -67,6 +68,28 @@ def test_different_configs_are_not_averaged(tmp_path):
     by_var = {r["variant"]: r for r in rows}
     assert any("trainer.lr=0.001" in v for v in by_var)
     assert sorted(r["rouge"]["mean"] for r in rows) == [10.0, 51.0]
+
+
+def test_every_row_states_its_rate_and_one_seed_has_no_spread(tmp_path):
+    """A lone lora_r32 run at 1e-3 beside badit at 2e-4 (two seeds): both rows name their rate,
+    and the single seed's spread is unknown, not 0."""
+    _fake(tmp_path, "b1", 1, 50.0, 6.0)
+    _fake(tmp_path, "b2", 2, 52.0, 8.0)
+    _fake(tmp_path, "l1", 1, 48.0, 9.0, cfg_extra={"lr": 1e-3}, method="lora_r32")
+    rows = report.group(report.collect([tmp_path]))
+    by = {r["method"]: r for r in rows}
+    assert by["lora_r32"]["lr"] == 1e-3 and by["badit"]["lr"] == 2e-4
+    assert by["lora_r32"]["rouge"]["std"] is None
+    md = report.markdown(rows)
+    assert "| qwen3-8b | lora_r32 | sequential |  | 1e-3 | 1 | 48.00 ± ? |" in md, md
+    assert "| qwen3-8b | badit | sequential |  | 2e-4 | 1,2 | 51.00 ± 1.41 (50.86) |" in md
+    assert "± 0.00" not in next(l for l in md.splitlines() if "lora_r32" in l)
+    assert "1e-3" in report.latex(rows)
+    runs = report.collect([tmp_path])
+    for r in runs:
+        r["timing"] = {"s": {"train_s": 60.0, "eval_s": 0.0}}
+    st = report.study_markdown(report.study(runs, reference="badit"), report.study_setting(runs))
+    assert "| lora_r32 | 1e-3 | 48.00 ± ? |" in st and "lr per row" in st
 
 
 def test_cli_writes_files(tmp_path):

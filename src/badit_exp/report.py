@@ -129,12 +129,13 @@ def group(runs: List[Dict]) -> List[Dict]:
             variant = ", ".join(f"{d}={json.loads(cfg[d]) if d in cfg else None}" for d in differing)
             row = {"model": triple[0], "method": triple[1], "mode": triple[2], "variant": variant,
                    "seeds": [r["seed"] for r in members], "runs": [r["_path"] for r in members],
+                   "lr": members[0]["config"].get("trainer", {}).get("lr"),
                    "scale": scale_name(members[0]["config"]),
                    "paper_scale": paper_scale(members[0]["config"])}
             for m in METRICS:
                 vals = [r.get(m) for r in members if r.get(m) is not None]
                 row[m] = {"mean": statistics.mean(vals) if vals else None,
-                          "std": statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None),
+                          "std": statistics.stdev(vals) if len(vals) > 1 else None,  # 1 seed: unknown
                           "n": len(vals),
                           "paper": paper_value(triple[0], triple[1], triple[2], m)
                           if row["paper_scale"] else None}
@@ -142,34 +143,39 @@ def group(runs: List[Dict]) -> List[Dict]:
     return rows
 
 
+def _lr(lr) -> str:
+    return "?" if lr is None else f"{float(lr):.0e}".replace("e-0", "e-")
+
+
 def _cell(c: Dict, tex: bool = False) -> str:
     if c["mean"] is None:
         return "–"
     pm = r"$\pm$" if tex else "±"
-    s = f"{c['mean']:.2f} {pm} {c['std']:.2f}"
+    s = f"{c['mean']:.2f} {pm} " + ("?" if c["std"] is None else f"{c['std']:.2f}")
     if c["paper"] is not None:
         s += f" ({c['paper']:.2f})"
     return s
 
 
 def markdown(rows: List[Dict]) -> str:
-    head = ["model", "method", "mode", "variant", "seeds", *METRICS]
+    head = ["model", "method", "mode", "variant", "lr", "seeds", *METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([r["model"], r["method"], r["mode"], r["variant"] or "",
-                                          ",".join(map(str, r["seeds"])),
+                                          _lr(r["lr"]), ",".join(map(str, r["seeds"])),
                                           *[_cell(r[m]) for m in METRICS]]) + " |")
-    lines.append("\nmean ± sample std over seeds; (paper value, SPEC §7) where the run is at paper scale.")
+    lines.append("\nmean ± sample std over seeds ('?': one seed, spread unknown); (paper value, "
+                 "SPEC §7) where the run is at paper scale.")
     return "\n".join(lines) + "\n"
 
 
 def latex(rows: List[Dict]) -> str:
-    cols = ["model", "method", "mode", "seeds", *METRICS]
-    out = [r"\begin{tabular}{llll" + "r" * len(METRICS) + "}", r"\toprule",
+    cols = ["model", "method", "mode", "lr", "seeds", *METRICS]
+    out = [r"\begin{tabular}{lllll" + "r" * len(METRICS) + "}", r"\toprule",
            " & ".join(c.replace("_", r"\_") for c in cols) + r" \\", r"\midrule"]
     for r in rows:
         name = r["method"] + (f" [{r['variant']}]" if r["variant"] else "")
-        out.append(" & ".join([r["model"], name.replace("_", r"\_"), r["mode"],
+        out.append(" & ".join([r["model"], name.replace("_", r"\_"), r["mode"], _lr(r["lr"]),
                                str(len(r["seeds"])), *[_cell(r[m], tex=True) for m in METRICS]])
                    + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
@@ -222,7 +228,7 @@ def study(runs: List[Dict], reference: str = "lora") -> List[Dict]:
         wall = [sum(t.get("train_s", 0.0) + t.get("eval_s", 0.0) for t in m["timing"].values())
                 for m in members]
         out.append({"method": row["method"], "model": row["model"], "mode": row["mode"],
-                    "variant": row["variant"], "seeds": row["seeds"],
+                    "variant": row["variant"], "seeds": row["seeds"], "lr": row["lr"],
                     "rouge": row["rouge"]["mean"], "rouge_std": row["rouge"]["std"],
                     "rouge_per_seed": [m.get("rouge") for m in members],
                     "loss_pretrained": _mean([t.get("pretrained") for t in tl]),
@@ -255,7 +261,9 @@ def study_setting(runs: List[Dict]) -> Dict:
             "tasks": len(r.get("tasks", [])),
             "train_per_task": d.get("max_train_per_task"), "eval_per_task": d.get("max_eval_per_task"),
             "max_seq_len": d.get("max_seq_len"), "epochs": t.get("epochs"),
-            "global_batch": global_batch(r), "lr": t.get("lr"),
+            "global_batch": global_batch(r),
+            "lr": ("per row" if len({q["config"].get("trainer", {}).get("lr") for q in runs}) > 1
+                   else _lr(t.get("lr"))),
             "device": prov.get("device"), "git_commit": prov.get("git_commit"),
             "total_wall_min": sum(sum(x.get("train_s", 0.0) + x.get("eval_s", 0.0)
                                       for x in q["timing"].values()) for q in runs) / 60}
@@ -273,7 +281,7 @@ def study_markdown(rows: List[Dict], setting: Optional[Dict] = None) -> str:
     def f(x, nd=2):
         return "–" if x is None else f"{x:.{nd}f}"
 
-    head = ["method", "ROUGE-L (mean ± std)", "per seed", "Δ vs " + next(
+    head = ["method", "lr", "ROUGE-L (mean ± std)", "per seed", "Δ vs " + next(
         (r["vs_reference"]["method"] for r in rows if r["vs_reference"]), "ref"),
             "target loss: pre-trained / step 0 / final", "wall (min)"]
     lines = []
@@ -293,7 +301,8 @@ def study_markdown(rows: List[Dict], setting: Optional[Dict] = None) -> str:
             "(measurable)" if v["measurable"] else "(within seed spread)"))
         name = r["method"] + (f" [{r['variant']}]" if r["variant"] else "")
         lines.append("| " + " | ".join([
-            name, f"{f(r['rouge'])} ± {f(r['rouge_std'])}",
+            name, _lr(r["lr"]),
+            f"{f(r['rouge'])} ± " + ("?" if r["rouge_std"] is None else f(r["rouge_std"])),
             ", ".join(f(x) for x in r["rouge_per_seed"]), vs,
             f"{f(r['loss_pretrained'], 3)} / {f(r['loss_step0'], 3)} / {f(r['loss_final'], 3)}",
             f(None if r["wall_s"] is None else r["wall_s"] / 60, 1)]) + " |")
