@@ -91,9 +91,16 @@ def _hours(runs: Sequence[Dict]) -> float:
                for r in runs) / 3600
 
 
+def _device(d: Dict) -> str:
+    if d.get("type") == "cpu":
+        n = d.get("threads")
+        return f"CPU {d.get('name', '?')}, {n} thread{'s' if n != 1 else ''} per run"
+    return f"{d.get('name', d.get('type', '?'))} x {d.get('count', 1)}"
+
+
 def _machine(runs: Sequence[Dict]) -> str:
-    devs = {json.dumps(r.get("provenance", {}).get("device", {}), sort_keys=True) for r in runs}
-    return "; ".join(sorted(devs))
+    return "; ".join(sorted({_device(r.get("provenance", {}).get("device") or {})
+                             for r in runs}))
 
 
 def tune_table(runs: Sequence[Dict], mode: str, out_dir: Path) -> Optional[Dict]:
@@ -198,7 +205,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
             pairs.append(f"| {m} − {base} | {diff:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
                          + ", ".join(f"{x:+.2f}" for x in per_seed) + f" | {verdict} | "
                          + (f"{ld[0]:+.3f} [{ld[1]:+.3f}, {ld[2]:+.3f}]" if ld else "n/a")
-                         + f" | {len(a)} ({n_seeds} seeds) |")
+                         + f" | {len(a)} ({n_seeds} seed{'s' if n_seeds != 1 else ''}) |")
             pair_data[f"{m}-{base}"] = {"rougeL": [diff, lo, hi], "per_seed": per_seed,
                                         "verdict": verdict,
                                         "loss": list(ld) if ld else None,
