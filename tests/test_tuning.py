@@ -232,6 +232,7 @@ def test_report_from_hand_made_run_dirs(tmp_path):
     assert "| badit | 3e-4 | 2 |" in md and "measurably higher" in md
     assert "no measurable difference" in md
     assert pairs["badit-lora_r32"]["per_seed"] == pytest.approx([8, 8])
+    assert (tmp_path / "study_mixed.png").stat().st_size > 1000
     assert json.loads((tmp_path / "study.json").read_text())["study"]["mixed"]["rows"]["lora"]
 
 

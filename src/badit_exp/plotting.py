@@ -142,3 +142,34 @@ def lr_curves(path: Path, curves, title: str, ylabel: str = "hold-out ROUGE-L") 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def study_points(path: Path, rows, pairs, baseline: str, title: str) -> None:
+    """Left: each method's ROUGE-L per seed (dots) and mean ± std (bar), its rate in the label.
+    Right: each method's paired difference to ``baseline`` with its 95% interval.
+
+    Args:
+        rows: [(method, lr label, per-seed scores)] in display order.
+        pairs: {method: (diff, low, high)} against ``baseline``.
+    """
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.8), sharey=True)
+    ys = np.arange(len(rows))[::-1]
+    for y, (method, _lr, vals) in zip(ys, rows):
+        v = np.asarray(vals, dtype=float)
+        ax.scatter(v, np.full(len(v), y), color="tab:blue", alpha=0.7, zorder=3)
+        sd = v.std(ddof=1) if len(v) > 1 else 0.0
+        ax.errorbar([v.mean()], [y], xerr=[sd], fmt="|", color="black", markersize=14,
+                    capsize=4, zorder=4)
+        if method in pairs:
+            d, lo, hi = pairs[method]
+            color = "tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray"
+            bx.errorbar([d], [y], xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=4)
+    ax.set_yticks(ys)
+    ax.set_yticklabels([f"{m} ({lr})" for m, lr, _ in rows])
+    ax.set_xlabel("test ROUGE-L (dots: seeds; bar: mean ± std)")
+    ax.grid(True, axis="x", alpha=0.3)
+    bx.axvline(0, color="black", lw=1)
+    bx.set_xlabel(f"ROUGE-L − {baseline} (paired bootstrap 95% CI)")
+    bx.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(title)
+    _save(fig, path)

@@ -234,6 +234,13 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
              "|---|---|---|---|---|---|", *pairs, "",
              f"Runs: {len(mine)}, {_hours(mine):.1f} process-hours; machine: {_machine(mine)}."]
     atomic_write_text(out_dir / f"study_{mode}.md", "\n".join(lines) + "\n")
+    base = baselines[0] if baselines else None
+    plotting.study_points(
+        out_dir / f"study_{mode}.png",
+        [(m, "/".join(T.fmt_lr(x) for x in data[m]["lr"]), data[m]["rouge"]) for m in order],
+        {k.rsplit("-" + base, 1)[0]: v["rougeL"] for k, v in pair_data.items()
+         if base and k.endswith("-" + base)},
+        base or "", f"tuned study, {mode}: each method at its own rate ({len(mine)} runs)")
     return {"rows": data, "pairs": pair_data}
 
 
