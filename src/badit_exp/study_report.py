@@ -161,7 +161,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
     order = [m for m in methods if m in by] + sorted(m for m in by if m not in methods)
     seq = mode == "sequential"
     rows, data = [], {}
-    head = "| method | lr | seeds | ROUGE-L | per seed | test target loss |"
+    head = "| method | lr | seeds | ROUGE-L | per seed | test target loss | wall (min/run) |"
     if seq:
         head += " Forget | Backward |"
     for m in order:
@@ -170,7 +170,8 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
         rouge = [r["rouge"] for r in rs]
         tl = [r["eval_target_loss"] for r in rs if r.get("eval_target_loss") is not None]
         cells = [m, "/".join(T.fmt_lr(x) for x in lrs), str(len(rs)), T.fmt_mean_std(rouge),
-                 ", ".join(f"{x:.2f}" for x in rouge), T.fmt_mean_std(tl, 3) if tl else "n/a"]
+                 ", ".join(f"{x:.2f}" for x in rouge), T.fmt_mean_std(tl, 3) if tl else "n/a",
+                 f"{_hours(rs) * 60 / len(rs):.1f}"]
         d = {"lr": lrs, "seeds": [r["seed"] for r in rs], "rouge": rouge, "target_loss": tl}
         if seq:
             for k in ("forget_rate", "backward"):
