@@ -113,9 +113,9 @@ def tune_table(runs: Sequence[Dict], mode: str, out_dir: Path) -> Optional[Dict]
     loss = {(r["method"], r["lr"]): r.get("eval_target_loss") for r in mine}
     n_ex = {len(r["units"]) for r in mine}
     lines = [f"# Learning-rate tuning, {mode} training (hold-out of train.json, never test)", "",
-             f"Hold-out ROUGE-L (mean over the 15 tasks; {sorted(n_ex)} hold-out examples per run) "
-             "at each peak learning rate, seed "
-             f"{sorted({r['seed'] for r in mine})}; **bold** = chosen (best hold-out ROUGE-L), "
+             f"Hold-out ROUGE-L (mean over the 15 tasks; {'/'.join(map(str, sorted(n_ex)))} "
+             "hold-out examples per run) at each peak learning rate, seed "
+             f"{', '.join(map(str, sorted({r['seed'] for r in mine})))}; **bold** = chosen (best hold-out ROUGE-L), "
              "`edge` = the best is at the end of its grid (extend it). In brackets: hold-out "
              "teacher-forced target loss.", "",
              "| method | " + " | ".join(T.fmt_lr(x) for x in rates) + " | chosen | interior |",
