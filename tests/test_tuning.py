@@ -249,6 +249,28 @@ def test_sequential_intermediate_evaluations_use_fewer_examples(tmp_path):
     assert all(len(f.read_text().splitlines()) == 2 for f in pred.glob("*.jsonl"))
 
 
+def test_the_intermediate_cap_leaves_the_final_row_unchanged(tmp_path):
+    """Evaluating fewer examples after the earlier stages (sequential tuning uses 1 per task)
+    must not change training: the final row, its target losses and the adapter are the same."""
+    import torch
+    from safetensors.torch import load_file
+
+    m = {}
+    for n in (1, 2):
+        ov = tiny_overrides(tmp_path / f"o{n}", extra=[
+            "training_mode=sequential", "trainer.epochs=2", "method=badit",
+            f"data.max_eval_per_task_intermediate={n}"])
+        m[n] = run_tiny(tmp_path / f"run{n}", ov)
+    assert m[1]["matrix"]["summary"][-1] == m[2]["matrix"]["summary"][-1]
+    assert m[1]["eval_target_loss"] == m[2]["eval_target_loss"] and m[1]["rouge"] == m[2]["rouge"]
+    files = sorted(p.relative_to(tmp_path / "run1")
+                   for p in (tmp_path / "run1").rglob("adapter.safetensors"))
+    assert files
+    for f in files:  # every stage's checkpoint and the export
+        a1, a2 = load_file(tmp_path / "run1" / f), load_file(tmp_path / "run2" / f)
+        assert a1.keys() == a2.keys() and all(torch.equal(a1[k], a2[k]) for k in a1), f
+
+
 def test_missing_tuned_rate_is_one_line_on_the_cli(tmp_path):
     import subprocess
     import sys
