@@ -282,3 +282,23 @@ def test_missing_tuned_rate_is_one_line_on_the_cli(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out
     assert "no tuned learning rate for method=lora_r32 in training_mode=single" in out
+
+
+def test_the_study_refuses_a_rate_at_its_grids_edge(tmp_path, capsys):
+    """An edge choice means the tuning is unfinished: `study run` names it and the fix, and
+    runs it only with --allow-edge."""
+    from badit_exp import study as S
+
+    T.write_choices(tmp_path / "res" / "lr_choices.yaml", [
+        T.choose("badit", "sequential", {1e-4: [20.0], 3e-4: [25.0]}),
+        T.choose("lora_r32", "sequential", {1e-4: [20.0], 3e-4: [25.0], 1e-3: [22.0]})])
+    study = OmegaConf.create({"results_dir": str(tmp_path / "res"),
+                              "output_dir": str(tmp_path / "out"), "study_experiment": "study2_cpu",
+                              "workers": 2, "threads": 1})
+    with pytest.raises(SystemExit, match=r"\['badit'\] is at the edge of its grid badit: 3e-4 of "
+                                         r"\['1e-4', '3e-4'\]; finish the tuning"):
+        S.run_study(study, "sequential", ["lora_r32", "badit"], [1], dry_run=True)
+    assert S.run_study(study, "sequential", ["lora_r32"], [1], dry_run=True) == 0
+    assert S.run_study(study, "sequential", ["lora_r32", "badit"], [1], dry_run=True,
+                       allow_edge=True) == 0
+    assert "method=badit" in capsys.readouterr().out

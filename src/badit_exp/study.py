@@ -196,8 +196,9 @@ def tune(study, mode: str, methods: Sequence[str], dry_run: bool = False) -> int
 
 
 def run_study(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
-              dry_run: bool = False) -> int:
-    """Every (method, seed) at its chosen rate, scored on test."""
+              dry_run: bool = False, allow_edge: bool = False) -> int:
+    """Every (method, seed) at its chosen rate, scored on test. A rate at its grid's edge
+    means the tuning is unfinished: refused unless ``allow_edge``."""
     choices = T.read_choices(_path(study.results_dir) / "lr_choices.yaml").get(mode, {})
     missing = [m for m in methods if m not in choices]
     if missing:
@@ -205,8 +206,17 @@ def run_study(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
                          f"`python -m badit_exp.study tune --mode {mode} --methods "
                          f"{','.join(missing)}` first.")
     edge = [m for m in methods if not choices[m].get("interior", True)]
+    if edge and not allow_edge:
+        raise SystemExit(
+            f"the {mode} rate of {edge} is at the edge of its grid "
+            + ", ".join(f"{m}: {T.fmt_lr(float(choices[m]['lr']))} of "
+                        f"{[T.fmt_lr(float(x)) for x in choices[m].get('grid', [])]}"
+                        for m in edge)
+            + f"; finish the tuning (`python -m badit_exp.study tune --mode {mode} --methods "
+            f"{','.join(edge)}` adds rates until the best is interior), or pass --allow-edge "
+            "when its extensions are spent.")
     if edge:
-        print(f"[study] WARNING: the rate of {edge} is at its grid's edge (not interior)")
+        print(f"[study] WARNING: the rate of {edge} is at its grid's edge (--allow-edge)")
     pool = Pool(study, dry_run)
     queue = [RunSpec("test", mode, m, float(choices[m]["lr"]), int(s))
              for s in seeds for m in methods]
@@ -230,6 +240,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--methods", default="", help="comma list (default: the study's)")
     ap.add_argument("--seeds", default="", help="comma list (run; default: the study's)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--allow-edge", action="store_true",
+                    help="run: accept a rate at its grid's edge (tuning extensions spent)")
     a = ap.parse_args(argv)
     study = load_study(a.study)
     if a.action == "report":
@@ -241,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     spec = study.study[a.mode]
     methods = a.methods.split(",") if a.methods else list(spec.methods)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(spec.seeds)
-    return run_study(study, a.mode, methods, seeds, a.dry_run)
+    return run_study(study, a.mode, methods, seeds, a.dry_run, a.allow_edge)
 
 
 if __name__ == "__main__":
