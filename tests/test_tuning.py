@@ -174,7 +174,8 @@ def test_mean_std_single_seed_is_unknown():
 
 
 def _fake_run(root: Path, split: str, mode: str, method: str, lr: float, seed: int,
-              scores, loss: float):
+              scores, loss: float, matrix=None):
+    from badit_exp import metrics as M
     from badit_exp.tuning import fmt_lr
 
     d = root / "runs" / f"{split}-{mode}-{method}-lr{fmt_lr(lr)}-seed{seed}"
@@ -188,7 +189,10 @@ def _fake_run(root: Path, split: str, mode: str, method: str, lr: float, seed: i
     rouge = float(np.mean([np.mean(v) for v in by_task.values()]))
     (d / "metrics.json").write_text(json.dumps({
         "mode": mode, "method": method, "seed": seed, "rouge": rouge, "lr": lr,
-        "eval_split": split, "eval_target_loss": loss, "forget_rate": None, "backward": None,
+        "eval_split": split, "eval_target_loss": loss,
+        "forget_rate": M.forget_rate(matrix) if matrix else None,
+        "backward": M.backward(matrix) if matrix else None,
+        "tasks": ["t0", "t1", "t2"], "matrix": {"summary": matrix} if matrix else None,
         "timing": {"mixed": {"train_s": 60.0, "eval_s": 30.0}},
         "provenance": {"device": {"type": "cpu"}},
         "config": {"model": {"name": "smollm2-135m"}, "trainer": {"lr": lr, "epochs": 2,
@@ -234,6 +238,47 @@ def test_report_from_hand_made_run_dirs(tmp_path):
     assert pairs["badit-lora_r32"]["per_seed"] == pytest.approx([8, 8])
     assert (tmp_path / "study_mixed.png").stat().st_size > 1000
     assert json.loads((tmp_path / "study.json").read_text())["study"]["mixed"]["rows"]["lora"]
+
+
+def test_sequential_report_pairs_forget_and_backward_over_seed_and_task(tmp_path):
+    """Forget / Backward differences are paired over (seed, task) shares of each run's matrix:
+    the mean difference is that of the table's columns; a method that keeps every task at its
+    peak forgets measurably less than one that loses 30 points on each, with the same ROUGE-L
+    row for the last stage apart from that."""
+    from badit_exp import metrics as M
+    from badit_exp.study_report import report
+
+    rng = np.random.default_rng(3)
+    for seed in (1, 2):
+        peak = rng.uniform(40, 60, 3)
+        keep = [[peak[0], 0, 0], [peak[0], peak[1], 0], list(peak)]
+        lose = [[peak[0] + 30, 0, 0], [peak[0] + 30, peak[1] + 30, 0], list(peak)]
+        e = [2.0, -2.0, 0.0] if seed == 1 else [-1.0, 1.0, 0.0]
+        noisy = keep[:2] + [[x + y for x, y in zip(peak, e)]]  # forget terms -2, +2 / +1, -1
+        scores = np.repeat(peak, 10)[np.argsort(np.tile([0, 1, 2], 10), kind="stable")]
+        _fake_run(tmp_path, "test", "sequential", "badit", 3e-4, seed, scores, 1.5, keep)
+        _fake_run(tmp_path, "test", "sequential", "lora_r32", 1e-3, seed, scores, 1.5, lose)
+        _fake_run(tmp_path, "test", "sequential", "loramoe", 1e-3, seed, scores, 1.5, noisy)
+    study = OmegaConf.create({"results_dir": str(tmp_path), "baselines": ["lora_r32", "badit"],
+                              "study": {"sequential": {"methods": ["lora_r32", "badit"]}}})
+    out = report(study)
+    rows, pairs = out["study"]["sequential"]["rows"], out["study"]["sequential"]["pairs"]
+    fg = pairs["badit-lora_r32"]["forget"]
+    assert fg["diff"][0] == pytest.approx(
+        np.mean(rows["badit"]["forget_rate"]) - np.mean(rows["lora_r32"]["forget_rate"]))
+    assert fg["diff"][0] == pytest.approx(-30) and fg["diff"][2] < 0
+    assert fg["verdict"] == "measurably lower" and fg["units"] == 4  # 2 seeds x T-1 tasks
+    bw = pairs["badit-lora_r32"]["backward"]
+    assert bw["diff"][0] == pytest.approx(20) and bw["units"] == 6  # T tasks, the last one 0
+    assert bw["diff"][0] == pytest.approx(
+        np.mean(rows["badit"]["backward"]) - np.mean(rows["lora_r32"]["backward"]))
+    assert pairs["loramoe-badit"]["forget"]["verdict"].startswith("no measurable")
+    md = (tmp_path / "study_sequential.md").read_text()
+    assert "| badit − lora_r32 | -30.00 [-30.00, -30.00] | -30.00, -30.00 | measurably lower |" \
+        in md
+    A = [[10.0, 1, 2], [30, 20, 3], [25, 18, 40]]
+    assert M.forget_rate(A) == pytest.approx(np.mean(M.forget_terms(A)))
+    assert M.forget_terms(A) == [30 - 25, 20 - 18] and M.backward_terms(A) == [15, -2, 0]
 
 
 def test_sequential_intermediate_evaluations_use_fewer_examples(tmp_path):

@@ -50,16 +50,28 @@ def forward(A: Matrix, single: Sequence[float], mode: str = "sequential") -> flo
     return sum(A[t][t] - single[t] for t in range(T)) / T
 
 
-def forget_rate(A: Matrix) -> float:
-    """(1/(T-1)) sum_{t<T} (max over ALL rows i<T of a_{i,t}  -  a_{T,t})."""
+def forget_terms(A: Matrix) -> List[float]:
+    """Task t's share of ``forget_rate``, t < T: max over ALL rows i<T of a_{i,t} - a_{T,t}."""
     T = len(A)
-    return sum(max(A[i][t] for i in range(T - 1)) - A[T - 1][t] for t in range(T - 1)) / (T - 1)
+    return [max(A[i][t] for i in range(T - 1)) - A[T - 1][t] for t in range(T - 1)]
+
+
+def backward_terms(A: Matrix) -> List[float]:
+    """Task t's share of ``backward``, t <= T: a_{T,t} - a_{t,t} (the last term is zero)."""
+    T = len(A)
+    return [A[T - 1][t] - A[t][t] for t in range(T)]
+
+
+def forget_rate(A: Matrix) -> float:
+    """(1/(T-1)) sum_{t<T} (max over ALL rows i<T of a_{i,t}  -  a_{T,t}): the mean of
+    :func:`forget_terms`."""
+    return sum(forget_terms(A)) / (len(A) - 1)
 
 
 def backward(A: Matrix) -> float:
-    """(1/T) sum_{t<=T} (a_{T,t} - a_{t,t}); the t = T term is zero, the divisor is T."""
-    T = len(A)
-    return sum(A[T - 1][t] - A[t][t] for t in range(T)) / T
+    """(1/T) sum_{t<=T} (a_{T,t} - a_{t,t}); the t = T term is zero, the divisor is T: the mean
+    of :func:`backward_terms`."""
+    return sum(backward_terms(A)) / len(A)
 
 
 def forget_rate_textbook(A: Matrix) -> float:

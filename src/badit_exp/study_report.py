@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from badit_exp import metrics as M
 from badit_exp import plotting
 from badit_exp import tuning as T
 from badit_exp.io_utils import atomic_write_json, atomic_write_text, write_jsonl
@@ -61,10 +62,24 @@ def load_runs(results_dir: Path) -> List[Dict]:
             if r.get("loss") is not None:
                 loss_units[key] = r["loss"]
         met["units"], met["loss_units"] = units, loss_units
+        met["forget_units"], met["backward_units"] = _cl_units(met)
         met["split"] = "holdout" if met.get("eval_split") == "holdout" else "test"
         met["lr"] = float(met.get("lr") or met["config"]["trainer"]["lr"])
         out.append(met)
     return out
+
+
+def _cl_units(met: Dict) -> Tuple[Dict, Dict]:
+    """A sequential run's per-task shares of Forget and Backward, keyed ``(seed, task)``
+    (``metrics.forget_terms`` / ``backward_terms`` of its summary-metric matrix, ROUGE-L here;
+    their means are the run's ``forget_rate`` and ``backward``); empty for other runs."""
+    A = (met.get("matrix") or {}).get("summary")
+    if met.get("mode") != "sequential" or not A or len(A) < 2:
+        return {}, {}
+    tasks = met["tasks"]
+    fg = {(met["seed"], tasks[t]): v for t, v in enumerate(M.forget_terms(A))}
+    bw = {(met["seed"], tasks[t]): v for t, v in enumerate(M.backward_terms(A))}
+    return fg, bw
 
 
 def choices_from(runs: Sequence[Dict], mode: str) -> Dict[str, T.Choice]:
@@ -180,7 +195,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                 d[k] = v
         rows.append("| " + " | ".join(cells) + " |")
         data[m] = d
-    pairs, pair_data = [], {}
+    pairs, pair_data, cl_pairs = [], {}, []
     for base in baselines:
         if base not in by:
             continue
@@ -211,6 +226,15 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                                         "verdict": verdict,
                                         "loss": list(ld) if ld else None,
                                         "units": len(a), "seeds": n_seeds}
+            if seq:
+                cells = [f"{m} − {base}"]
+                for k in ("forget", "backward"):
+                    cl = _cl_pair(by[m], by[base], k)
+                    pair_data[f"{m}-{base}"][k] = cl
+                    cells += ["n/a"] * 3 if cl is None else [
+                        f"{cl['diff'][0]:+.2f} [{cl['diff'][1]:+.2f}, {cl['diff'][2]:+.2f}]",
+                        ", ".join(f"{x:+.2f}" for x in cl["per_seed"]), cl["verdict"]]
+                cl_pairs.append("| " + " | ".join(cells) + " |")
     n_test = "/".join(str(n) for n in sorted({len(r["units"]) for r in mine}))
     budget = mine[0]["config"]
     dcfg, tcfg = budget["data"], budget["trainer"]
@@ -233,6 +257,17 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
              "| pair | ROUGE-L diff [95% CI] | per seed | verdict | target-loss diff [95% CI] "
              "| units |",
              "|---|---|---|---|---|---|", *pairs, "",
+             *([] if not cl_pairs else [
+                 "Forget and Backward (SPEC section 3), paired over (seed, task): each run's "
+                 "per-task shares of the metric (a task's max ROUGE-L over the rows before the "
+                 "last minus its final ROUGE-L; its final minus its ROUGE-L right after it was "
+                 "trained), the same seed (task order) for both methods; 95% paired bootstrap "
+                 "interval over those units. Lower Forget and higher Backward are better. The rows "
+                 "before the last are scored on "
+                 f"{dcfg.get('max_eval_per_task_intermediate') or dcfg['max_eval_per_task']} test "
+                 "examples per task, so these are noisier than ROUGE-L.", "",
+                 "| pair | Forget diff [95% CI] | per seed | verdict | Backward diff [95% CI] "
+                 "| per seed | verdict |", "|---|---|---|---|---|---|---|", *cl_pairs, ""]),
              f"Runs: {len(mine)}, {_hours(mine):.1f} process-hours; machine: {_machine(mine)}."]
     atomic_write_text(out_dir / f"study_{mode}.md", "\n".join(lines) + "\n")
     base = baselines[0] if baselines else None
@@ -243,6 +278,24 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
          if base and k.endswith("-" + base)},
         base or "", f"tuned study, {mode}: each method at its own rate ({len(mine)} runs)")
     return {"rows": data, "pairs": pair_data}
+
+
+def _cl_pair(runs_a: Sequence[Dict], runs_b: Sequence[Dict], metric: str) -> Optional[Dict]:
+    """``metric`` (forget | backward) of method a minus method b, paired over the (seed, task)
+    units both have: the mean difference (that of the table's column), its 95% paired bootstrap
+    interval, the per-seed differences and the verdict; None without two common units."""
+    key = f"{metric}_units"
+    ua = {k: v for r in runs_a for k, v in r[key].items()}
+    ub = {k: v for r in runs_b for k, v in r[key].items()}
+    a, b, keys = T.align(ua, ub, keys=True)
+    if len(a) < 2:
+        return None
+    diff = T.paired_bootstrap(a, b)
+    seeds = sorted({k[0] for k in keys})
+    per_seed = [float(np.mean([x - y for x, y, k in zip(a, b, keys) if k[0] == sd]))
+                for sd in seeds]
+    return {"diff": list(diff), "per_seed": per_seed,
+            "verdict": T.seed_verdict(diff[1], diff[2], per_seed), "units": len(a)}
 
 
 def report(study) -> Dict:
