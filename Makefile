@@ -33,7 +33,7 @@ endif
 # Hydra wants -m before the overrides; the experiment's sweep writes under $(OUT)/<experiment>
 SWEEP  = $(LAUNCH) -m experiment=$(1) $(DIST_ARGS) model=$(MODEL) scale=$(SCALE) seed=$(SEEDS)
 
-.PHONY: help install lint run test test-all clean table1 table2 table3 table_mixtures table_interference table_rankwise fig4 fig12 study tune study2 study2-report
+.PHONY: help install lint run test test-all clean table1 table2 table3 table_mixtures table_interference table_rankwise fig4 fig12 study tune study2 study2-all study2-report
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -117,6 +117,10 @@ tune: install ## tune learning rates on the hold-out: METHODS=lora,badit MODE=mi
 
 study2: install ## the tuned study at the chosen rates, scored on test: MODE=mixed|sequential [METHODS=...] [STUDY_SEEDS=1,2,3]
 	$(PY) -m badit_exp.study run --study $(STUDY2) --mode $(MODE) $(if $(METHODS),--methods $(METHODS)) $(if $(STUDY_SEEDS),--seeds $(STUDY_SEEDS))
+	$(PY) -m badit_exp.study report --study $(STUDY2)
+
+study2-all: install ## tune and study in one schedule (a method's study runs start once its rate is settled): MODE=... [METHODS=...] [STUDY_SEEDS=...]
+	$(PY) -m badit_exp.study all --study $(STUDY2) --mode $(MODE) $(if $(METHODS),--methods $(METHODS)) $(if $(STUDY_SEEDS),--seeds $(STUDY_SEEDS))
 	$(PY) -m badit_exp.study report --study $(STUDY2)
 
 study2-report: install ## rebuild the tuned study's tables and figure from the committed run files

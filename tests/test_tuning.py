@@ -347,3 +347,60 @@ def test_the_study_refuses_a_rate_at_its_grids_edge(tmp_path, capsys):
     assert S.run_study(study, "sequential", ["lora_r32", "badit"], [1], dry_run=True,
                        allow_edge=True) == 0
     assert "method=badit" in capsys.readouterr().out
+
+
+def test_tune_and_run_starts_a_methods_study_once_its_rate_is_settled(tmp_path, monkeypatch):
+    """`study all`: tuning first; a method's test runs start as soon as its grid is done and
+    its best is interior, while another method's grid is still being extended (no idle
+    worker); each test run uses the final choice."""
+    from badit_exp import study as S
+
+    score = {"badit": {1e-4: 20, 3e-4: 30, 1e-3: 25},
+             "loramoe": {1e-4: 10, 3e-4: 15, 1e-3: 25, 3e-3: 20}}
+    log = []
+
+    class FakePool:
+        def __init__(self, study, dry_run=False):
+            self.study, self.running, self.failed = study, {}, []
+
+        @property
+        def free(self):
+            return len(self.running) < self.study.workers
+
+        def start(self, spec):
+            log.append(("start", spec))
+            self.running[spec] = (None, 0.0)
+
+        def wait_one(self):
+            spec = next(iter(self.running))  # first started ends first
+            del self.running[spec]
+            s = score[spec.method][spec.lr] if spec.split == "holdout" else 50
+            _fake_run(tmp_path, spec.split, spec.mode, spec.method, spec.lr, spec.seed,
+                      [s] * 6, 2.0)
+            log.append(("end", spec))
+            return spec
+
+    monkeypatch.setattr(S, "Pool", FakePool)
+    study = OmegaConf.create({
+        "name": "t", "results_dir": str(tmp_path), "workers": 2, "study_experiment": "study2_cpu",
+        "tune": {"seed": 1, "max_extensions": 3,
+                 "grids": {"mixed": {m: [1e-4, 3e-4, 1e-3] for m in score}}}})
+    assert S.tune_and_run(study, "mixed", ["badit", "loramoe"], [1, 2]) == 0
+    starts = [sp for ev, sp in log if ev == "start"]
+    tests = [sp for sp in starts if sp.split == "test"]
+    assert sorted((sp.method, sp.lr, sp.seed) for sp in tests) == [
+        ("badit", 3e-4, 1), ("badit", 3e-4, 2), ("loramoe", 1e-3, 1), ("loramoe", 1e-3, 2)]
+    ext = S.RunSpec("holdout", "mixed", "loramoe", 3e-3, 1)
+    assert ext in starts
+    # badit's study starts while loramoe's extension is still running
+    first_badit = log.index(("start", S.RunSpec("test", "mixed", "badit", 3e-4, 1)))
+    assert first_badit < log.index(("end", ext))
+    for sp in tests:  # never before the method's last tuning run ended
+        last_tune = max(i for i, (ev, s) in enumerate(log)
+                        if ev == "end" and s.split == "holdout" and s.method == sp.method)
+        assert log.index(("start", sp)) > last_tune
+    choices = T.read_choices(tmp_path / "lr_choices.yaml")["mixed"]
+    assert choices["loramoe"]["lr"] == 1e-3 and choices["loramoe"]["interior"] is True
+    # rerun: everything is committed, nothing starts
+    log.clear()
+    assert S.tune_and_run(study, "mixed", ["badit", "loramoe"], [1, 2]) == 0 and not log

@@ -1,4 +1,4 @@
-"""Tuned studies (SPEC section 9): ``python -m badit_exp.study {tune,run,report}``.
+"""Tuned studies (SPEC section 9): ``python -m badit_exp.study {tune,run,all,report}``.
 
 A study is a file ``conf/study/<name>.yaml``: the experiment its tuning runs use (evaluated on a
 hold-out of train.json), the experiment its test runs use, each method's first learning-rate
@@ -9,6 +9,8 @@ grid per training mode, and the methods and seeds of the study.
   the 1-3-10 ladder (:func:`badit_exp.tuning.ladder_step`), up to ``tune.max_extensions``. After
   every finished run it rewrites the choices file ``<results_dir>/lr_choices.yaml``.
 - ``run`` trains every (method, seed) of the study at its chosen rate and scores it on test.
+- ``all`` does both in one schedule: a method's study runs start as soon as its tuning is
+  settled, filling the workers that a grid extension of another method would leave idle.
 - ``report`` builds the tables (tuning curve and choices, the study with paired bootstrap
   intervals) and the learning-rate figure from the committed files alone.
 
@@ -147,6 +149,16 @@ def write_choice_file(study) -> Dict[str, Dict[str, T.Choice]]:
 
 def tune(study, mode: str, methods: Sequence[str], dry_run: bool = False) -> int:
     """Run each method's grid, extend it while its best is at an edge, write the choices."""
+    return tune_and_run(study, mode, methods, [], dry_run)
+
+
+def tune_and_run(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
+                 dry_run: bool = False) -> int:
+    """Tune each method (:func:`tune`), and start its study runs (every seed, scored on test)
+    as soon as its tuning is settled: no tuning run of it queued or running, and its best rate
+    interior or its extensions spent. Tuning runs go first; study runs fill the workers a
+    tuning queue leaves idle (e.g. while one method's grid is being extended). A method whose
+    tuning run failed gets no study runs."""
     grids = study.tune.grids[mode]
     unknown = [m for m in methods if m not in grids]
     if unknown:
@@ -158,23 +170,51 @@ def tune(study, mode: str, methods: Sequence[str], dry_run: bool = False) -> int
     queue = [RunSpec("holdout", mode, m, float(grids[m][i]), seed)
              for i in range(max(len(grids[m]) for m in methods)) for m in methods
              if i < len(grids[m])]
+    tests = [(m, int(s)) for s in seeds for m in methods]
     extensions = {m: 0 for m in methods}
-    done = set()
-    while queue or pool.running:
-        while queue and pool.free:
-            spec = queue.pop(0)
-            if finished(study, spec) is not None:
-                done.add(spec)
+    by_mode = {mode: R.choices_from(R.load_runs(_path(study.results_dir)), mode)}
+    dry_started: List[RunSpec] = []  # dry run: the tuning runs it would start
+
+    def settled(m: str) -> Optional[T.Choice]:
+        if any(sp.method == m and sp.split == "holdout"
+               for sp in queue + list(pool.running) + pool.failed + dry_started):
+            return None
+        c = by_mode[mode].get(m)
+        if c is None or (c.edge and extensions[m] < study.tune.max_extensions):
+            return None
+        return c
+
+    def next_spec() -> Optional[RunSpec]:
+        while queue:
+            sp = queue.pop(0)
+            if finished(study, sp) is None:
+                return sp
+        for m, sd in list(tests):
+            c = settled(m)
+            if c is None:
                 continue
-            pool.start(spec)
-            if dry_run:
-                done.add(spec)
-        if dry_run:
+            tests.remove((m, sd))
+            sp = RunSpec("test", mode, m, c.lr, sd)
+            if finished(study, sp) is None and sp not in pool.running:
+                if c.edge:
+                    print(f"[study] WARNING: {m}'s {mode} rate {T.fmt_lr(c.lr)} is still at "
+                          f"the {c.edge} edge after {extensions[m]} extensions", flush=True)
+                return sp
+        return None
+
+    while True:
+        while pool.free:
+            sp = next_spec()
+            if sp is None:
+                break
+            pool.start(sp)
+            if dry_run and sp.split == "holdout":
+                dry_started.append(sp)
+        if dry_run or not pool.running:
             break
         ended = pool.wait_one()
-        if ended is None:
+        if ended is None or ended.split != "holdout":
             continue
-        done.add(ended)
         by_mode = write_choice_file(study)
         m = ended.method
         pending = [s for s in queue + list(pool.running) if s.method == m]
@@ -234,7 +274,9 @@ def run_study(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m badit_exp.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["tune", "run", "report"])
+    ap.add_argument("action", choices=["tune", "run", "all", "report"],
+                    help="all: tune, then each method's study runs as soon as its rate is "
+                         "settled (no core idles while another method's grid is extended)")
     ap.add_argument("--study", default="study2_cpu", help="conf/study/<name>.yaml")
     ap.add_argument("--mode", default="mixed", choices=["mixed", "sequential"])
     ap.add_argument("--methods", default="", help="comma list (default: the study's)")
@@ -253,6 +295,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     spec = study.study[a.mode]
     methods = a.methods.split(",") if a.methods else list(spec.methods)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else list(spec.seeds)
+    if a.action == "all":
+        return tune_and_run(study, a.mode, methods, seeds, a.dry_run)
     return run_study(study, a.mode, methods, seeds, a.dry_run, a.allow_edge)
 
 
