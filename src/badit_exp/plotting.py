@@ -144,15 +144,21 @@ def lr_curves(path: Path, curves, title: str, ylabel: str = "hold-out ROUGE-L") 
     _save(fig, path)
 
 
-def study_points(path: Path, rows, pairs, baseline: str, title: str) -> None:
+def study_points(path: Path, rows, panels, title: str) -> None:
     """Left: each method's ROUGE-L per seed (dots) and mean ± std (bar), its rate in the label.
-    Right: each method's paired difference to ``baseline`` with its 95% interval.
+    Then one panel per paired comparison: each method's difference to the baseline with its 95%
+    interval (green: measurably better than the baseline, red: measurably worse, grey: neither,
+    by the table's verdict).
 
     Args:
         rows: [(method, lr label, per-seed scores)] in display order.
-        pairs: {method: (diff, low, high)} against ``baseline``.
+        panels: [(x label, {method: ((diff, low, high), verdict)}, +1 if higher is better
+            else -1)], e.g. ROUGE-L, Forget and Backward differences to one baseline; a verdict
+            "measurably higher/lower" colours the point.
     """
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.8), sharey=True)
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5.5 + 4.5 * len(panels),
+                                                          0.5 * len(rows) + 1.8), sharey=True)
+    ax, bxs = axes[0], axes[1:]
     ys = np.arange(len(rows))[::-1]
     for y, (method, _lr, vals) in zip(ys, rows):
         v = np.asarray(vals, dtype=float)
@@ -160,16 +166,19 @@ def study_points(path: Path, rows, pairs, baseline: str, title: str) -> None:
         sd = v.std(ddof=1) if len(v) > 1 else 0.0
         ax.errorbar([v.mean()], [y], xerr=[sd], fmt="|", color="black", markersize=14,
                     capsize=4, zorder=4)
-        if method in pairs:
-            d, lo, hi = pairs[method]
-            color = "tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray"
-            bx.errorbar([d], [y], xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=4)
+        for bx, (_label, pairs, sign) in zip(bxs, panels):
+            if method in pairs:
+                (d, lo, hi), verdict = pairs[method]
+                up = {"measurably higher": 1, "measurably lower": -1}.get(verdict, 0)
+                color = ("tab:gray" if up == 0 else "tab:green" if up == sign else "tab:red")
+                bx.errorbar([d], [y], xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=4)
     ax.set_yticks(ys)
     ax.set_yticklabels([f"{m} ({lr})" for m, lr, _ in rows])
     ax.set_xlabel("test ROUGE-L (dots: seeds; bar: mean ± std)")
     ax.grid(True, axis="x", alpha=0.3)
-    bx.axvline(0, color="black", lw=1)
-    bx.set_xlabel(f"ROUGE-L − {baseline} (paired bootstrap 95% CI)")
-    bx.grid(True, axis="x", alpha=0.3)
+    for bx, (label, _pairs, _sign) in zip(bxs, panels):
+        bx.axvline(0, color="black", lw=1)
+        bx.set_xlabel(label)
+        bx.grid(True, axis="x", alpha=0.3)
     fig.suptitle(title)
     _save(fig, path)

@@ -271,12 +271,21 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
              f"Runs: {len(mine)}, {_hours(mine):.1f} process-hours; machine: {_machine(mine)}."]
     atomic_write_text(out_dir / f"study_{mode}.md", "\n".join(lines) + "\n")
     base = baselines[0] if baselines else None
+    panels = []
+    if base:
+        against = {k.rsplit("-" + base, 1)[0]: v for k, v in pair_data.items()
+                   if k.endswith("-" + base)}
+        panels.append((f"ROUGE-L − {base} (paired bootstrap 95% CI)",
+                       {m: (v["rougeL"], v["verdict"]) for m, v in against.items()}, 1))
+        for k, sign in (("forget", -1), ("backward", 1)):
+            cis = {m: (v[k]["diff"], v[k]["verdict"]) for m, v in against.items() if v.get(k)}
+            if cis:
+                panels.append((f"{k.capitalize()} − {base} (95% CI; "
+                               f"{'higher' if sign > 0 else 'lower'} is better)", cis, sign))
     plotting.study_points(
         out_dir / f"study_{mode}.png",
         [(m, "/".join(T.fmt_lr(x) for x in data[m]["lr"]), data[m]["rouge"]) for m in order],
-        {k.rsplit("-" + base, 1)[0]: v["rougeL"] for k, v in pair_data.items()
-         if base and k.endswith("-" + base)},
-        base or "", f"tuned study, {mode}: each method at its own rate ({len(mine)} runs)")
+        panels, f"tuned study, {mode}: each method at its own rate ({len(mine)} runs)")
     return {"rows": data, "pairs": pair_data}
 
 
