@@ -70,6 +70,18 @@ def test_single_then_sequential_gives_forward(tmp_path):
     assert seq["forward"] == pytest.approx(exp)
 
 
+def test_single_mode_scores_every_task_on_the_full_sample(tmp_path):
+    """Issue 26: each single-mode evaluation is its task's final a_{t,0}, so the intermediate
+    cap (the study's 3 per task) never applies; every task scores all its evaluation examples."""
+    m = run_tiny(tmp_path / "single", tiny_overrides(tmp_path, extra=[
+        "training_mode=single", "trainer.epochs=1", "data.max_eval_per_task=3",
+        "data.max_eval_per_task_intermediate=1"]))
+    for t in TASKS3:
+        rows = (tmp_path / "single" / "predictions" / f"{t}.jsonl").read_text().splitlines()
+        assert len(rows) == 3, t
+    assert set(m["single_scores"]) == set(TASKS3)
+
+
 class Crash(RuntimeError):
     pass
 

@@ -16,13 +16,13 @@ PKG = "badit_exp"
 
 # lowest first; a module's layer is that of its longest matching prefix
 LAYERS = [
-    ["config", "io_utils", "provenance", "plotting", "metrics", "tuning"],  # leaves
+    ["config", "io_utils", "provenance", "plotting", "metrics", "tuning", "executors"],  # leaves
     ["dist", "data", "models"],  # process groups, data, model loading
     ["evaluation", "analysis"],  # generation and scoring, analyses of a model
     ["methods"],  # adapters, the engine protocol they use (methods.access)
     ["training"],  # engines, the stage loop, the runner
     ["compose"],  # ConfigStore + validation (needs the method registry)
-    ["train", "report", "analyze", "params", "study", "study_report", "__main__"],  # entry points
+    ["train", "report", "analyze", "params", "study", "study_report", "study_plan", "__main__"],  # entry points
 ]
 
 

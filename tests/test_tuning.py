@@ -62,6 +62,60 @@ def test_benchmark_whose_test_repeats_training_is_refused(tmp_path):
         run_tiny(tmp_path / "run", ov)
 
 
+def _bench_without_ids(root: Path, n_train: int = 64, n_test: int = 32):
+    """4 SuperNI tasks copied with every instance's ``id`` removed (a hand-made benchmark)."""
+    names = ["task363_sst2_polarity_classification", "task875_emotion_classification",
+             "task073_commonsenseqa_answer_generation", "task1687_sentiment140_classification"]
+    for n in names:
+        (root / n).mkdir(parents=True)
+        for split, k in (("train", n_train), ("test", n_test)):
+            raw = json.loads((SUPERNI / n / f"{split}.json").read_text())
+            inst = [{kk: v for kk, v in x.items() if kk != "id"} for x in raw["Instances"][:k]]
+            (root / n / f"{split}.json").write_text(json.dumps(dict(raw, Instances=inst)))
+    return names
+
+
+def test_benchmark_without_ids_runs_and_a_real_repeat_is_still_refused(tmp_path):
+    """Issue 26 item 1: ids the loader makes up (``<task>-<split>-<index>``) never collide across
+    splits, so a benchmark without ids runs; a test input copied from train is still refused,
+    named by its input."""
+    from badit_exp.data.superni import load_task
+
+    bench = tmp_path / "bench"
+    names = _bench_without_ids(bench)
+    tr, te = load_task(bench, names[0], "train"), load_task(bench, names[0], "test")
+    assert tr.instances[0].id == f"{names[0]}-train-0" and not tr.instances[0].id_given
+    assert te.instances[0].id == f"{names[0]}-test-0"
+    ov = tiny_overrides(tmp_path / "o", tasks=names,
+                        extra=[f"data.root={bench}", "data.max_eval_per_task=2",
+                               "trainer.epochs=1"])
+    m = run_tiny(tmp_path / "run", ov)
+    assert m["rouge"] >= 0 and len(m["scores"]) == 4
+    rows = (tmp_path / "run" / "predictions" / f"{names[0]}.jsonl").read_text().splitlines()
+    assert [json.loads(r)["id"] for r in rows] == [f"{names[0]}-test-0", f"{names[0]}-test-1"]
+    # the same benchmark with one test input copied from train: refused, naming that input
+    f = bench / names[1] / "test.json"
+    raw = json.loads(f.read_text())
+    copied = json.loads((bench / names[1] / "train.json").read_text())["Instances"][40]["input"]
+    raw["Instances"][1]["input"] = copied
+    f.write_text(json.dumps(raw))
+    with pytest.raises(DataError) as e:
+        run_tiny(tmp_path / "run2", tiny_overrides(tmp_path / "o2", tasks=names,
+                                                   extra=[f"data.root={bench}"]))
+    msg = str(e.value)
+    assert f"1 evaluation instance(s) of {f}" in msg
+    assert f"{names[1]}-test-1 (= train {names[1]}-train-40)" in msg and repr(copied[:60]) in msg
+
+
+def test_same_given_id_in_both_files_is_refused_even_with_new_input():
+    train = _task(4)
+    test = Task("taskX", "d", (Instance("taskX-2", "a new input", ("o",)),))
+    with pytest.raises(DataError, match="taskX-2"):
+        check_disjoint(train, test, "a", "b")
+    made_up = Task("taskX", "d", (Instance("taskX-2", "a new input", ("o",), id_given=False),))
+    check_disjoint(train, made_up, "a", "b")  # a made-up id is a position, not an example
+
+
 def test_tuning_run_evaluates_only_holdout_ids(tmp_path):
     from badit_exp.data.superni import load_task
 
@@ -388,8 +442,10 @@ def test_tune_and_run_starts_a_methods_study_once_its_rate_is_settled(tmp_path, 
     assert S.tune_and_run(study, "mixed", ["badit", "loramoe"], [1, 2]) == 0
     starts = [sp for ev, sp in log if ev == "start"]
     tests = [sp for sp in starts if sp.split == "test"]
-    assert sorted((sp.method, sp.lr, sp.seed) for sp in tests) == [
-        ("badit", 3e-4, 1), ("badit", 3e-4, 2), ("loramoe", 1e-3, 1), ("loramoe", 1e-3, 2)]
+    expected = [("badit", 3e-4, 1), ("badit", 3e-4, 2), ("loramoe", 1e-3, 1), ("loramoe", 1e-3, 2)]
+    assert sorted((sp.method, sp.lr, sp.seed) for sp in tests if sp.mode == "mixed") == expected
+    # Forward: each (method, seed) also gets its single-task run at the same tuned rate
+    assert sorted((sp.method, sp.lr, sp.seed) for sp in tests if sp.mode == "single") == expected
     ext = S.RunSpec("holdout", "mixed", "loramoe", 3e-3, 1)
     assert ext in starts
     # badit's study starts while loramoe's extension is still running

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
+from badit_exp import executors as X
 from badit_exp import study_report as R
 from badit_exp import tuning as T
 from badit_exp.compose import CONF_DIR
@@ -42,11 +42,14 @@ REPO = Path(CONF_DIR).parent
 
 
 def load_study(name: str):
-    p = Path(CONF_DIR) / "study" / f"{name}.yaml"
+    """``conf/study/<name>.yaml``, or a study file's path."""
+    p = Path(name) if name.endswith((".yaml", ".yml")) else Path(CONF_DIR) / "study" / f"{name}.yaml"
     if not p.is_file():
         have = sorted(x.stem for x in (Path(CONF_DIR) / "study").glob("*.yaml"))
-        raise SystemExit(f"study {name!r}: no {p}; studies: {have}")
-    return OmegaConf.load(p)
+        raise SystemExit(f"study {name!r}: no {p}; studies: {have} (or give a study file's path)")
+    study = OmegaConf.load(p)
+    study.setdefault("name", p.stem)
+    return study
 
 
 def _path(p: str) -> Path:
@@ -54,12 +57,13 @@ def _path(p: str) -> Path:
     return q if q.is_absolute() else REPO / q
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RunSpec:
-    """One run of a study: a tuning run (``split="holdout"``) or a test run."""
+    """One run of a study: a tuning run (``split="holdout"``) or a test run. Two specs are the
+    same run when their ids are (a rate is compared as the id writes it)."""
 
     split: str  # holdout | test
-    mode: str
+    mode: str  # mixed | sequential | single (a_{t,0} for Forward, at a compared mode's rate)
     method: str
     lr: float
     seed: int
@@ -68,13 +72,35 @@ class RunSpec:
     def id(self) -> str:
         return f"{self.split}-{self.mode}-{self.method}-lr{T.fmt_lr(self.lr)}-seed{self.seed}"
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunSpec) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @classmethod
+    def from_id(cls, run_id: str) -> Optional["RunSpec"]:
+        """The spec of an ``id`` (None when it is not one)."""
+        m = re.fullmatch(r"(holdout|test)-(mixed|sequential|single)-(.+)-lr([0-9.e+-]+)-seed(\d+)",
+                         run_id)
+        if not m:
+            return None
+        return cls(m[1], m[2], m[3], float(m[4]), int(m[5]))
+
     def command(self, study) -> List[str]:
         exp = study.tune_experiment if self.split == "holdout" else study.study_experiment
         return [sys.executable, "-m", "badit_exp.train", f"experiment={exp}",
                 f"method={self.method}", f"training_mode={self.mode}", f"seed={self.seed}",
-                f"trainer.lr={self.lr!r}", f"trainer.num_threads={study.threads}",
-                f"run_name={self.id}",
+                f"trainer.lr={self.lr!r}",
+                *([f"trainer.num_threads={study.threads}"] if study.get("threads") else []),
+                f"run_name={self.id}", *[str(x) for x in study.get("overrides") or []],
                 f"hydra.run.dir={_path(study.output_dir) / 'runs' / self.id}"]
+
+
+def forward_runs(study, mode: str) -> bool:
+    """Whether the study runs the single-task runs that Forward needs in ``mode``
+    (``study.<mode>.forward``, default true)."""
+    return bool(OmegaConf.select(study, f"study.{mode}.forward", default=True))
 
 
 def finished(study, spec: RunSpec) -> Optional[Dict]:
@@ -84,49 +110,122 @@ def finished(study, spec: RunSpec) -> Optional[Dict]:
 
 # ---------------------------------------------------------------------------- scheduling
 class Pool:
-    """``workers`` training processes at a time; each finished run is collected at once."""
+    """At most ``workers`` runs in flight, each a submitit job of the study's executor
+    (:mod:`badit_exp.executors`: ``local`` processes here, ``slurm`` jobs on a cluster); each
+    finished run is collected at once.
 
-    def __init__(self, study, dry_run: bool = False):
+    Jobs are recorded in ``<output_dir>/jobs/``: a new controller attaches to the ones still
+    running instead of starting them again, and collects the ones that finished while no
+    controller watched. A failed run is started again at most ``executor.retries`` times, then
+    reported with its job id and log and left failed (``study status`` lists it)."""
+
+    def __init__(self, study, dry_run: bool = False, executor: Optional[str] = None):
         self.study, self.dry = study, dry_run
-        self.running: Dict[RunSpec, Tuple[subprocess.Popen, float]] = {}
+        self.running: Dict[RunSpec, Tuple[object, float]] = {}
         self.failed: List[RunSpec] = []
-        self.logs = _path(study.output_dir) / "logs"
+        out = _path(study.output_dir)
+        self.logs, self.jobs_dir = out / "logs", out / "jobs"
+        ecfg = study.get("executor") or {}
+        self.res = X.resources(ecfg, executor or ecfg.get("name", "local"), int(study.get("threads") or 0))
+        self.retries = int(ecfg.get("retries", 1))
+        self.workers = int(ecfg.get("max_jobs", study.workers)) if self.res.name == "slurm" \
+            else int(study.workers)
+        self._executor = None
+        self.records: Dict[str, X.JobRecord] = {}
+        if not dry_run:
+            self._reattach()
 
-    def start(self, spec: RunSpec) -> None:
+    # -- what a run is --------------------------------------------------------------------
+    def command(self, spec: RunSpec) -> List[str]:
         cmd = spec.command(self.study)
+        dist = (self.study.get("executor") or {}).get("distributed", "zero2")
+        if self.res.name == "slurm" and self.res.tasks > 1:
+            cmd.append(f"distributed={dist}")
+        return cmd
+
+    def env(self) -> Dict[str, str]:
+        t = self.study.get("threads")
+        env = {"TQDM_DISABLE": "1"}
+        if t:
+            env.update(OMP_NUM_THREADS=str(t), MKL_NUM_THREADS=str(t))
+        return env
+
+    def run_dir(self, spec: RunSpec) -> Path:
+        return _path(self.study.output_dir) / "runs" / spec.id
+
+    # -- controller restart -----------------------------------------------------------------
+    def _reattach(self) -> None:
+        for rec in X.read_records(self.jobs_dir):
+            self.records[rec.run_id] = rec
+            sp = RunSpec.from_id(rec.run_id)
+            if rec.state != "submitted" or sp is None or finished(self.study, sp):
+                if rec.state == "failed" and sp is not None and not finished(self.study, sp) \
+                        and rec.attempt > self.retries:
+                    self.failed.append(sp)
+                continue
+            job = X.attach(rec)
+            print(f"[study] attached {rec.executor} job {rec.job_id} of {rec.run_id} "
+                  f"(attempt {rec.attempt})", flush=True)
+            self.running[sp] = (job, rec.submitted)
+
+    # -- the pool -----------------------------------------------------------------------------
+    def start(self, spec: RunSpec) -> None:
+        if spec in self.running:  # attached after a restart: already in flight
+            return
+        cmd = self.command(spec)
         print(f"[study] start {spec.id}: {' '.join(cmd[1:])}", flush=True)
         if self.dry:
             return
-        self.logs.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.study.threads),
-                   MKL_NUM_THREADS=str(self.study.threads), TQDM_DISABLE="1")
-        log = open(self.logs / f"{spec.id}.log", "a")
-        self.running[spec] = (subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                               env=env), time.time())
+        if self._executor is None:
+            self._executor = X.make_executor(self.res, _path(self.study.output_dir) / "submitit",
+                                             f"{self.study.name}")
+        if self.res.name == "slurm":
+            self._executor.update_parameters(name=f"{self.study.name}:{spec.id}")
+        log = self.logs / f"{spec.id}.log"
+        job = self._executor.submit(X.TrainJob(cmd, str(REPO), self.env(), str(log),
+                                               str(self.run_dir(spec))))
+        prev = self.records.get(spec.id)
+        rec = X.JobRecord(spec.id, self.res.name, str(job.job_id), str(job.paths.folder),
+                          str(log), attempt=(prev.attempt + 1) if prev and prev.state == "failed"
+                          else 1, submitted=time.time())
+        rec.save(self.jobs_dir)
+        self.records[spec.id] = rec
+        self.running[spec] = (job, rec.submitted)
 
     def wait_one(self) -> Optional[RunSpec]:
-        """Block until a run ends; collect it (or record its failure) and return it."""
+        """Block until a run ends for good; collect it (or record its failure, after its
+        retries) and return it."""
         while self.running:
-            for spec, (proc, t0) in list(self.running.items()):
-                if proc.poll() is None:
+            for spec, (job, t0) in list(self.running.items()):
+                if X.job_state(job) == "running":
                     continue
                 del self.running[spec]
-                run_dir = _path(self.study.output_dir) / "runs" / spec.id
-                if proc.returncode == 0 and (run_dir / "metrics.json").exists():
+                rec = self.records[spec.id]
+                run_dir = self.run_dir(spec)
+                err = "" if (run_dir / "metrics.json").exists() else (X.job_error(job)
+                                                                       or "no metrics.json")
+                if not err:
                     R.collect(run_dir, _path(self.study.results_dir) / "runs" / spec.id)
+                    rec.state = "finished"
+                    rec.save(self.jobs_dir)
                     print(f"[study] done {spec.id} in {(time.time() - t0) / 60:.1f} min",
                           flush=True)
-                else:
-                    self.failed.append(spec)
-                    print(f"[study] FAILED {spec.id} (exit {proc.returncode}); log: "
-                          f"{self.logs / (spec.id + '.log')}", flush=True)
+                    return spec
+                rec.state, rec.error = "failed", err
+                rec.save(self.jobs_dir)
+                print(f"[study] FAILED {spec.id} ({rec.executor} job {rec.job_id}, attempt "
+                      f"{rec.attempt} of {self.retries + 1}): {err}; log: {rec.log}", flush=True)
+                if rec.attempt <= self.retries:
+                    self.start(spec)
+                    continue
+                self.failed.append(spec)
                 return spec
             time.sleep(5)
         return None
 
     @property
     def free(self) -> bool:
-        return self.dry or len(self.running) < self.study.workers
+        return self.dry or len(self.running) < self.workers
 
 
 CHOICES_HEADER = """\
@@ -166,11 +265,15 @@ def tune_and_run(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
                          f"tune.grids.{mode}; add one (1-3-10 ladder around the expected rate).")
     seed = int(study.tune.seed)
     pool = Pool(study, dry_run)
+    forward = forward_runs(study, mode)
     # interleave methods so every method's curve fills in early
     queue = [RunSpec("holdout", mode, m, float(grids[m][i]), seed)
              for i in range(max(len(grids[m]) for m in methods)) for m in methods
              if i < len(grids[m])]
-    tests = [(m, int(s)) for s in seeds for m in methods]
+    # each (method, seed)'s test run, then (for Forward) its single-task run at the same rate
+    tests = [(m, int(s), "test") for s in seeds for m in methods]
+    if forward:
+        tests += [(m, int(s), "single") for s in seeds for m in methods]
     extensions = {m: 0 for m in methods}
     by_mode = {mode: R.choices_from(R.load_runs(_path(study.results_dir)), mode)}
     dry_started: List[RunSpec] = []  # dry run: the tuning runs it would start
@@ -187,15 +290,15 @@ def tune_and_run(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
     def next_spec() -> Optional[RunSpec]:
         while queue:
             sp = queue.pop(0)
-            if finished(study, sp) is None:
+            if finished(study, sp) is None and sp not in pool.failed:
                 return sp
-        for m, sd in list(tests):
+        for m, sd, kind in list(tests):
             c = settled(m)
             if c is None:
                 continue
-            tests.remove((m, sd))
-            sp = RunSpec("test", mode, m, c.lr, sd)
-            if finished(study, sp) is None and sp not in pool.running:
+            tests.remove((m, sd, kind))
+            sp = RunSpec("test", mode if kind == "test" else "single", m, c.lr, sd)
+            if finished(study, sp) is None and sp not in pool.running and sp not in pool.failed:
                 if c.edge:
                     print(f"[study] WARNING: {m}'s {mode} rate {T.fmt_lr(c.lr)} is still at "
                           f"the {c.edge} edge after {extensions[m]} extensions", flush=True)
@@ -260,10 +363,13 @@ def run_study(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
     pool = Pool(study, dry_run)
     queue = [RunSpec("test", mode, m, float(choices[m]["lr"]), int(s))
              for s in seeds for m in methods]
+    if forward_runs(study, mode):  # the single-task runs Forward needs
+        queue += [RunSpec("test", "single", m, float(choices[m]["lr"]), int(s))
+                  for s in seeds for m in methods]
     while queue or pool.running:
         while queue and pool.free:
             spec = queue.pop(0)
-            if finished(study, spec) is None:
+            if finished(study, spec) is None and spec not in pool.failed:
                 pool.start(spec)
         if dry_run:
             break
@@ -271,14 +377,104 @@ def run_study(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
     return 1 if pool.failed else 0
 
 
+# ---------------------------------------------------------------------------- status
+def planned_runs(study, mode: str) -> List[Tuple[RunSpec, str]]:
+    """Every run of ``study`` in ``mode`` as far as the committed results fix it: each method's
+    tuning grid and the extensions already made, then, once its rate is chosen, its test run and
+    (for Forward) its single-task run per seed; ``(spec, kind)`` with kind tune | test | single.
+    A method without a choice yet lists its test runs at rate 0 (kind ``test?``)."""
+    spec_cfg = OmegaConf.select(study, f"study.{mode}")
+    if spec_cfg is None:
+        return []
+    methods, seeds = list(spec_cfg.methods), [int(x) for x in spec_cfg.seeds]
+    grids = OmegaConf.select(study, f"tune.grids.{mode}", default={}) or {}
+    runs = R.load_runs(_path(study.results_dir)) if (_path(study.results_dir) / "runs").is_dir() \
+        else []
+    choices = R.choices_from(runs, mode)
+    tseed = int(study.tune.seed)
+    out: List[Tuple[RunSpec, str]] = []
+    for m in methods:
+        rates = [float(x) for x in grids.get(m, [])]
+        done = sorted({r["lr"] for r in runs if r["split"] == "holdout" and r["mode"] == mode
+                       and r["method"] == m})
+        for x in rates + [x for x in done if all(abs(x - y) > 1e-12 * x for y in rates)]:
+            out.append((RunSpec("holdout", mode, m, x, tseed), "tune"))
+    for kind in ("test", "single"):
+        if kind == "single" and not forward_runs(study, mode):
+            continue
+        for sd in seeds:
+            for m in methods:
+                c = choices.get(m)
+                if c is None:
+                    out.append((RunSpec("test", mode if kind == "test" else "single", m, 0.0,
+                                        sd), f"{kind}?"))
+                else:
+                    out.append((RunSpec("test", mode if kind == "test" else "single", m, c.lr,
+                                        sd), kind))
+    return out
+
+
+def status(study, modes: Sequence[str], executor: Optional[str] = None) -> List[Dict]:
+    """Each run of the study: finished (its files are in ``<results_dir>/runs/``), running /
+    pending (a recorded job the executor still runs: submitit asks ``sacct`` on a cluster, the
+    process table here), failed (with its job id, attempt and error), or queued; printed as a
+    table and returned as rows."""
+    jobs = {r.run_id: r for r in X.read_records(_path(study.output_dir) / "jobs")}
+    rows = []
+    for mode in modes:
+        for sp, kind in planned_runs(study, mode):
+            rec = jobs.get(sp.id)
+            row = {"run": sp.id if not kind.endswith("?") else f"{sp.split}-{sp.mode}-"
+                   f"{sp.method}-lr?-seed{sp.seed}", "kind": kind.rstrip("?"), "mode": mode,
+                   "method": sp.method, "lr": T.fmt_lr(sp.lr) if sp.lr else "(tuning)",
+                   "seed": sp.seed, "job": rec.job_id if rec else "", "log": rec.log if rec else ""}
+            if kind.endswith("?"):
+                row["state"] = "waits for its rate"
+            elif finished(study, sp) is not None:
+                row["state"] = "finished"
+            elif rec is None:
+                row["state"] = "queued"
+            elif rec.state == "failed":
+                row["state"] = f"failed (attempt {rec.attempt}): {rec.error}"
+            else:
+                job = X.attach(rec)
+                st = X.job_state(job)
+                if st == "running":
+                    row["state"] = ("running" if rec.executor == "local"
+                                    else X.slurm_state(job).lower())
+                else:
+                    err = X.job_error(job)
+                    row["state"] = (f"ended, not collected{': ' + err if err else ''} (the "
+                                    "controller collects it when it runs)")
+            rows.append(row)
+    counts: Dict[str, int] = {}
+    for r in rows:
+        k = r["state"].split(" ")[0].split(":")[0]
+        counts[k] = counts.get(k, 0) + 1
+    head = ["run", "state", "lr", "seed", "job", "log"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(str(r[k]) for k in head) + " |")
+    print("\n" + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" ({len(rows)} runs)")
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m badit_exp.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["tune", "run", "all", "report"],
+    ap.add_argument("action", choices=["tune", "run", "all", "report", "status", "plan"],
                     help="all: tune, then each method's study runs as soon as its rate is "
-                         "settled (no core idles while another method's grid is extended)")
+                         "settled (no worker idles while another method's grid is extended); "
+                         "status: every run of the study, finished / running / queued / failed "
+                         "with its job id and log; plan: every run it would launch with its "
+                         "command, resources and estimated GPU-hours (nothing is started)")
     ap.add_argument("--study", default="study2_cpu", help="conf/study/<name>.yaml")
-    ap.add_argument("--mode", default="mixed", choices=["mixed", "sequential"])
+    ap.add_argument("--mode", default=None, choices=["mixed", "sequential"],
+                    help="default: mixed (tune/run/all), both (status/plan)")
+    ap.add_argument("--executor", default=None, choices=list(X.EXECUTORS),
+                    help="where runs execute (default: the study's executor.name, else local): "
+                         "local = processes on this machine, slurm = one job per run through "
+                         "submitit")
     ap.add_argument("--methods", default="", help="comma list (default: the study's)")
     ap.add_argument("--seeds", default="", help="comma list (run; default: the study's)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -286,9 +482,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="run: accept a rate at its grid's edge (tuning extensions spent)")
     a = ap.parse_args(argv)
     study = load_study(a.study)
+    if a.executor:
+        OmegaConf.update(study, "executor.name", a.executor, force_add=True)
+    try:
+        X.resources(study.get("executor") or {},
+                    OmegaConf.select(study, "executor.name", default="local"), int(study.get("threads") or 0))
+    except X.ExecutorError as e:
+        raise SystemExit(f"conf/study/{a.study}.yaml: {e}") from None
     if a.action == "report":
         R.report(study)
         return 0
+    modes = [a.mode] if a.mode else [m for m in ("mixed", "sequential") if m in study.study]
+    if a.action == "status":
+        status(study, modes)
+        return 0
+    if a.action == "plan":
+        from badit_exp import study_plan
+
+        return study_plan.main(study, modes)
+    a.mode = a.mode or "mixed"
     if a.action == "tune":
         methods = a.methods.split(",") if a.methods else list(study.study[a.mode].methods)
         return tune(study, a.mode, methods, a.dry_run)

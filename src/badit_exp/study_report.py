@@ -66,6 +66,58 @@ def load_runs(results_dir: Path) -> List[Dict]:
         met["split"] = "holdout" if met.get("eval_split") == "holdout" else "test"
         met["lr"] = float(met.get("lr") or met["config"]["trainer"]["lr"])
         out.append(met)
+    singles = {(r["method"], r["lr"], r["seed"], r["split"]): r for r in out
+               if r["mode"] == "single"}
+    for r in out:
+        if r["mode"] in ("mixed", "sequential"):
+            s = singles.get((r["method"], r["lr"], r["seed"], r["split"]))
+            r["forward_units"] = forward_units(r, s) if s else {}
+            r["forward_source"] = s.get("run_name") if s else None
+            r["single_rouge"] = s["rouge"] if s else None
+        else:
+            r["forward_units"] = {}
+    return out
+
+
+def diagonal_ids(met: Dict) -> Dict[str, List[str]]:
+    """The example ids behind each task's a_{t,t} (mixed: a_{T,t}) of a run, in its
+    ``examples.jsonl`` order: every final-row id, except that in sequential mode a_{t,t} of a task
+    trained before the last comes from an intermediate row, which scored the first
+    ``data.max_eval_per_task_intermediate`` of the same ids (the runner takes the first n in
+    file order; the final row scores them all in that order)."""
+    ids: Dict[str, List[str]] = {}
+    for (_, task, i) in met["units"]:  # dicts keep examples.jsonl's order
+        ids.setdefault(task, []).append(i)
+    if met["mode"] != "sequential":
+        return ids
+    k = (met["config"].get("data") or {}).get("max_eval_per_task_intermediate")
+    last = met["tasks"][-1] if met.get("stages") is None else met["stages"][-1]
+    return {t: (v if t == last or not k else v[:k]) for t, v in ids.items()}
+
+
+def forward_units(met: Dict, single: Dict) -> Dict[Tuple, float]:
+    """A run's per-task shares of Forward (SPEC section 3), keyed ``(seed, task)``: a_{t,t}
+    (mixed: a_{T,t}) minus the single-task run's score on the same example ids
+    (:func:`diagonal_ids`); their mean over tasks is the run's ``forward``. In mixed mode both
+    sides are means over the same test examples; in sequential mode a_{t,t} of a task trained
+    before the last is its intermediate row's mean (over the first
+    ``max_eval_per_task_intermediate`` ids), matched with the single run's mean over exactly those
+    ids. A task the single run did not score on every one of those ids is left out."""
+    sd = met["seed"]
+    diag = diagonal_ids(met)
+    A = (met.get("matrix") or {}).get("summary")
+    cols = met.get("tasks") or []
+    out = {}
+    for t, ids in diag.items():
+        su = [single["units"].get((single["seed"], t, i)) for i in ids]
+        if not ids or any(x is None for x in su):
+            continue
+        if met["mode"] == "sequential" and A:
+            j = cols.index(t)
+            mine = A[j][j]  # the row right after t was trained (stage j trains task j)
+        else:
+            mine = float(np.mean([met["units"][(sd, t, i)] for i in ids]))
+        out[(sd, t)] = mine - float(np.mean(su))
     return out
 
 
@@ -175,8 +227,12 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
         by.setdefault(r["method"], []).append(r)
     order = [m for m in methods if m in by] + sorted(m for m in by if m not in methods)
     seq = mode == "sequential"
+    has_fw = any(r["forward_units"] for r in mine)
+    cl_metrics = (["forward"] if has_fw else []) + (["forget", "backward"] if seq else [])
     rows, data = [], {}
     head = "| method | lr | seeds | ROUGE-L | per seed | test target loss | wall (min/run) |"
+    if has_fw:
+        head += " Forward [95% CI] | single-task ROUGE-L |"
     if seq:
         head += " Forget | Backward |"
     for m in order:
@@ -188,6 +244,14 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                  ", ".join(f"{x:.2f}" for x in rouge), T.fmt_mean_std(tl, 3) if tl else "n/a",
                  f"{_hours(rs) * 60 / len(rs):.1f}"]
         d = {"lr": lrs, "seeds": [r["seed"] for r in rs], "rouge": rouge, "target_loss": tl}
+        if has_fw:
+            fw = forward_summary(rs)
+            d["forward"] = fw
+            cells += ["n/a", "n/a"] if fw is None else [
+                f"{fw['mean']:+.2f} [{fw['ci'][0]:+.2f}, {fw['ci'][1]:+.2f}] "
+                f"({fw['seeds']} seed{'s' if fw['seeds'] != 1 else ''}"
+                f"{'' if fw['complete'] else ', ' + str(fw['units']) + ' tasks'})",
+                f"{fw['single_rouge']:.2f}"]
         if seq:
             for k in ("forget_rate", "backward"):
                 v = [r[k] for r in rs if r.get(k) is not None]
@@ -226,9 +290,9 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                                         "verdict": verdict,
                                         "loss": list(ld) if ld else None,
                                         "units": len(a), "seeds": n_seeds}
-            if seq:
+            if cl_metrics:
                 cells = [f"{m} − {base}"]
-                for k in ("forget", "backward"):
+                for k in cl_metrics:
                     cl = _cl_pair(by[m], by[base], k)
                     pair_data[f"{m}-{base}"][k] = cl
                     cells += ["n/a"] * 3 if cl is None else [
@@ -257,17 +321,21 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
              "| pair | ROUGE-L diff [95% CI] | per seed | verdict | target-loss diff [95% CI] "
              "| units |",
              "|---|---|---|---|---|---|", *pairs, "",
+             *([] if not has_fw else [FORWARD_NOTE[mode].format(
+                 k=dcfg.get("max_eval_per_task_intermediate") or dcfg["max_eval_per_task"]), ""]),
              *([] if not cl_pairs else [
-                 "Forget and Backward (SPEC section 3), paired over (seed, task): each run's "
-                 "per-task shares of the metric (a task's max ROUGE-L over the rows before the "
-                 "last minus its final ROUGE-L; its final minus its ROUGE-L right after it was "
-                 "trained), the same seed (task order) for both methods; 95% paired bootstrap "
-                 "interval over those units. Lower Forget and higher Backward are better. The rows "
-                 "before the last are scored on "
-                 f"{dcfg.get('max_eval_per_task_intermediate') or dcfg['max_eval_per_task']} test "
-                 "examples per task, so these are noisier than ROUGE-L.", "",
-                 "| pair | Forget diff [95% CI] | per seed | verdict | Backward diff [95% CI] "
-                 "| per seed | verdict |", "|---|---|---|---|---|---|---|", *cl_pairs, ""]),
+                 ", ".join(k.capitalize() for k in cl_metrics) + " (SPEC section 3), paired "
+                 "over (seed, task): each run's per-task shares of the metric ("
+                 + "; ".join(CL_DEFS[k] for k in cl_metrics)
+                 + "), the same seed for both methods; 95% paired bootstrap interval over those "
+                 "units. " + _better(cl_metrics)
+                 + (" The rows before the last are scored on "
+                    f"{dcfg.get('max_eval_per_task_intermediate') or dcfg['max_eval_per_task']} "
+                    "test examples per task, so these are noisier than ROUGE-L." if seq else ""),
+                 "",
+                 "| pair | " + " | ".join(f"{k.capitalize()} diff [95% CI] | per seed | verdict"
+                                         for k in cl_metrics) + " |",
+                 "|---" * (1 + 3 * len(cl_metrics)) + "|", *cl_pairs, ""]),
              f"Runs: {len(mine)}, {_hours(mine):.1f} process-hours; machine: {_machine(mine)}."]
     atomic_write_text(out_dir / f"study_{mode}.md", "\n".join(lines) + "\n")
     base = baselines[0] if baselines else None
@@ -277,7 +345,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                    if k.endswith("-" + base)}
         panels.append((f"ROUGE-L − {base} (paired bootstrap 95% CI)",
                        {m: (v["rougeL"], v["verdict"]) for m, v in against.items()}, 1))
-        for k, sign in (("forget", -1), ("backward", 1)):
+        for k, sign in (("forward", 1), ("forget", -1), ("backward", 1)):
             cis = {m: (v[k]["diff"], v[k]["verdict"]) for m, v in against.items() if v.get(k)}
             if cis:
                 panels.append((f"{k.capitalize()} − {base} (95% CI; "
@@ -289,8 +357,57 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
     return {"rows": data, "pairs": pair_data}
 
 
+CL_DEFS = {"forward": "Forward: a task's a_{t,t} minus its single-task score on the same examples",
+           "forget": "Forget: a task's max ROUGE-L over the rows before the last minus its final "
+                     "ROUGE-L",
+           "backward": "Backward: its final ROUGE-L minus its ROUGE-L right after it was trained"}
+CL_BETTER = {"forward": "higher Forward", "forget": "lower Forget", "backward": "higher Backward"}
+
+def _better(metrics: Sequence[str]) -> str:
+    txt = ", ".join(CL_BETTER[k] for k in metrics)
+    return txt[0].upper() + txt[1:] + (" are" if len(metrics) > 1 else " is") + " better."
+
+
+FORWARD_NOTE = {
+    "mixed": "Forward (SPEC section 3, mixed): per task, the multi-task ROUGE-L minus the same "
+             "method's single-task ROUGE-L (`training_mode=single`: each task trained alone from "
+             "the pre-trained model at the same budget per task, the same seed and the method's "
+             "tuned mixed rate) on the same test examples; the mean over tasks, then over seeds. "
+             "Negative = the tasks interfere (a task scores less trained with the others than "
+             "alone). The interval is a bootstrap over the (seed, task) units. Single-task "
+             "ROUGE-L: the single runs' own mean.",
+    "sequential": "Forward (SPEC section 3, sequential): per task, a_{{t,t}} (its ROUGE-L right "
+                  "after it was trained) minus the same method's single-task ROUGE-L "
+                  "(`training_mode=single` at the method's tuned sequential rate, same seed) on "
+                  "the same examples: a_{{t,t}} of a task trained before the last comes from an "
+                  "intermediate row, which scores the first {k} test examples of the task, and "
+                  "is matched with the single run's mean over exactly those ids; the last task's "
+                  "uses all of them. The interval is a bootstrap over the (seed, task) units.",
+}
+
+
+def forward_summary(runs: Sequence[Dict]) -> Optional[Dict]:
+    """A method's Forward over its runs: the mean over seeds of each run's mean over tasks, the
+    per-seed values, a 95% bootstrap interval over the (seed, task) units (against 0), the
+    single runs' mean ROUGE-L; None when no run has a single-task counterpart."""
+    units = {k: v for r in runs for k, v in r["forward_units"].items()}
+    if len(units) < 2:
+        return None
+    with_fw = [r for r in runs if r["forward_units"]]
+    per_seed = [float(np.mean(list(r["forward_units"].values()))) for r in with_fw]
+    v = np.array(list(units.values()))
+    _, lo, hi = T.paired_bootstrap(v, np.zeros_like(v))
+    n_tasks = {len(r["tasks"]) for r in with_fw}
+    return {"mean": float(np.mean(per_seed)), "per_seed": per_seed, "ci": [lo, hi],
+            "seeds": len(with_fw), "units": len(units),
+            "complete": all(len(r["forward_units"]) == len(r["tasks"]) for r in with_fw)
+            and len(n_tasks) == 1,
+            "single_rouge": float(np.mean([r["single_rouge"] for r in with_fw])),
+            "sources": [r["forward_source"] for r in with_fw]}
+
+
 def _cl_pair(runs_a: Sequence[Dict], runs_b: Sequence[Dict], metric: str) -> Optional[Dict]:
-    """``metric`` (forget | backward) of method a minus method b, paired over the (seed, task)
+    """``metric`` (forward | forget | backward) of method a minus method b, paired over the (seed, task)
     units both have: the mean difference (that of the table's column), its 95% paired bootstrap
     interval, the per-seed differences and the verdict; None without two common units."""
     key = f"{metric}_units"

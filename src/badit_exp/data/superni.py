@@ -27,6 +27,9 @@ class Instance:
     id: str
     input: str
     outputs: tuple  # all references (best score over them at evaluation)
+    # False when the file gave no id and the loader made one up (``<task>-<split>-<index>``):
+    # such an id names a position, not an example, so it never counts as a repeat
+    id_given: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,10 @@ def load_task(root: str | Path, name: str, split: str, max_instances: int | None
         if drop_empty and not any(r.strip() for r in refs):
             dropped += 1
             continue
-        instances.append(Instance(id=str(it.get("id", f"{name}-{i}")), input=str(it["input"]),
-                                  outputs=tuple(refs)))
+        given = it.get("id") is not None
+        # a made-up id carries the split, so train #3 and test #3 never share one
+        instances.append(Instance(id=str(it["id"]) if given else f"{name}-{split}-{i}",
+                                  input=str(it["input"]), outputs=tuple(refs), id_given=given))
     if dropped:
         log.warning("%s: dropped %d instance(s) whose references are all empty", path, dropped)
     if not instances:
@@ -159,20 +164,27 @@ def check_disjoint(trainable: Task, evaluated: Task, train_file: Path | str,
                    eval_file: Path | str) -> None:
     """Refuse to evaluate on an instance a run may train on.
 
-    An instance counts as the same when its id or its input text is identical (ids can be
-    missing or renumbered; identical inputs are the same example either way). ``trainable``
+    An instance counts as the same when both files give it the same id, or when its input text
+    is identical (ids can be missing or renumbered; identical inputs are the same example either
+    way). An id the loader made up for an instance without one names a position, not an
+    example, so a benchmark without ids is checked by input alone. ``trainable``
     is every instance the run may draw training data from, not only the ones a small budget
     uses, so a benchmark whose test split repeats training instances is refused too.
 
     Raises:
         DataError: naming the task, both files and the shared ids.
     """
-    ids = {x.id for x in trainable.instances}
+    ids = {x.id for x in trainable.instances if x.id_given}
     inputs = {x.input: x.id for x in trainable.instances}
-    clash = [(x.id, inputs.get(x.input, x.id)) for x in evaluated.instances
-             if x.id in ids or x.input in inputs]
+    clash = [x for x in evaluated.instances if (x.id_given and x.id in ids) or x.input in inputs]
     if clash:
-        shown = ", ".join(e if e == t else f"{e} (= train {t})" for e, t in clash[:10])
+        def name(x: Instance) -> str:
+            if x.input not in inputs:
+                return x.id  # the same id in both files
+            t = inputs[x.input]
+            return (f"{x.id}{'' if t == x.id else f' (= train {t})'}"
+                    f" input {x.input[:60]!r}{'...' if len(x.input) > 60 else ''}")
+        shown = ", ".join(name(x) for x in clash[:10])
         raise DataError(
             f"task {trainable.name!r}: {len(clash)} evaluation instance(s) of {eval_file} are also "
             f"training instances of {train_file} (same id or identical input): {shown}"

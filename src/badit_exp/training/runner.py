@@ -338,7 +338,10 @@ class Runner:
                 if not stage.fresh_model and i > 0:
                     tensors, _, _ = self.rundir.load_stage(i - 1)
                     method.load_state_dict(model, tensors)
-            self._run_stage(model, method, i, stage, progress, final=i == n - 1)
+            # single mode: every stage's evaluation is its task's only, final score (a_{t,0}),
+            # so it scores the full evaluation sample, never the intermediate cap
+            final = i == n - 1 or self.cfg.training_mode.name == "single"
+            self._run_stage(model, method, i, stage, progress, final=final)
         self.model, self.method = model, method  # the trained adapter, for notebooks and tests
         if model is not None:
             self.rundir.export_adapter(method.state_dict(model),

@@ -1,0 +1,222 @@
+"""Issue 27: a study's runs dispatched through submitit. The ``local`` executor end to end on a
+tiny study (tuning, test and single-task runs), a run preempted mid-way and resumed from its
+checkpoint through submitit's requeue, a controller killed and restarted that starts no run
+twice, a failed run retried a bounded number of times; the ``slurm`` executor's submission
+(parameters, command, requeue) checked against a fake ``sbatch`` on PATH."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit  # noqa: F401 - imported at collection: its log handlers bind to pytest's
+from omegaconf import OmegaConf  # session-wide capture, not to one test's (closed later)
+
+from badit_exp import executors as X
+from badit_exp import study as S
+from conftest import CACHE, REPO, SLOW, SUPERNI
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="submitit's local executor and the fake sbatch need Linux")
+
+
+def _study(tmp: Path, **extra) -> Path:
+    """A tiny study file: 2 methods x 2 rates of tuning (mixed), 1 seed, Forward runs on."""
+    d = {"name": "tiny", "results_dir": str(tmp / "res"), "output_dir": str(tmp / "out"),
+         "tune_experiment": "tune_tiny", "study_experiment": "study_tiny", "workers": 2,
+         "threads": 1,
+         "overrides": [f"data.root={SUPERNI}", f"paths.cache_dir={CACHE}",
+                       f"paths.output_dir={tmp / 'out'}", "trainer.epochs=1"],
+         "executor": {"name": "local", "retries": 1},
+         "tune": {"seed": 1, "max_extensions": 0,
+                  "grids": {"mixed": {"lora": [1e-3, 5e-3], "lora_r32": [1e-3, 5e-3]}}},
+         "study": {"mixed": {"methods": ["lora", "lora_r32"], "seeds": [1]}},
+         "baselines": ["lora_r32"]}
+    d.update(extra)
+    p = tmp / "tiny.yaml"
+    p.write_text(OmegaConf.to_yaml(OmegaConf.create(d)))
+    return p
+
+
+def _starts(log: Path) -> int:
+    return log.read_text().count("[job] ") if log.exists() else 0
+
+
+@SLOW  # about 80 s on 2 idle cores: 8 tiny runs, two controllers
+def test_tiny_study_end_to_end_through_the_local_executor_with_a_controller_restart(tmp_path):
+    """`study all` through submitit's LocalExecutor: the controller is killed (SIGKILL) while its
+    first jobs run and started again; the second controller attaches to the running jobs (no
+    run starts twice), collects every run, and `status` says all are finished."""
+    f = _study(tmp_path)
+    cmd = [sys.executable, "-m", "badit_exp.study", "all", "--study", str(f)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env, start_new_session=True)
+    jobs = tmp_path / "out" / "jobs"
+    t0 = time.time()
+    while len(list(jobs.glob("*.json"))) < 2 and time.time() - t0 < 120:
+        time.sleep(0.2)
+    assert len(list(jobs.glob("*.json"))) == 2, first.communicate(timeout=5)[0]
+    os.kill(first.pid, signal.SIGKILL)  # only the controller: its jobs keep running
+    first.wait()
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=900)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert out.count("[study] attached local job") >= 1, out[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "res" / "runs").iterdir())
+    assert runs == sorted(
+        [f"holdout-mixed-{m}-lr{x}-seed1" for m in ("lora", "lora_r32") for x in ("1e-3", "5e-3")]
+        + [f"test-{k}-{m}-lr{x}-seed1" for k in ("mixed", "single") for m, x in
+           (("lora", S.T.fmt_lr(_chosen(tmp_path, "lora"))),
+            ("lora_r32", S.T.fmt_lr(_chosen(tmp_path, "lora_r32"))))])
+    for r in runs:  # every run started exactly once, with one job record, attempt 1
+        assert _starts(tmp_path / "out" / "logs" / f"{r}.log") == 1, r
+        rec = X.JobRecord.load(jobs / f"{r}.json")
+        assert rec.state == "finished" and rec.attempt == 1
+    single = json.loads((tmp_path / "res" / "runs" / runs[-1] / "metrics.json").read_text())
+    assert single["mode"] == "single"
+    # the report has a Forward column from those single runs
+    rep = subprocess.run([sys.executable, "-m", "badit_exp.study", "report", "--study", str(f)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert "Forward [95% CI]" in (tmp_path / "res" / "study_mixed.md").read_text()
+    st = subprocess.run([sys.executable, "-m", "badit_exp.study", "status", "--study", str(f)],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0 and "8 finished (8 runs)" in st.stdout, st.stdout[-2000:]
+
+
+def _chosen(tmp: Path, method: str) -> float:
+    from badit_exp import tuning as T
+
+    return float(T.read_choices(tmp / "res" / "lr_choices.yaml")["mixed"][method]["lr"])
+
+
+@SLOW  # about 40 s: one run started twice
+def test_a_preempted_run_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
+    """submitit's preemption signal (USR2, what SLURM sends the job's tasks on preemption, and
+    before the time limit) sent to the running task reaches TrainJob.checkpoint: the training
+    process stops, submitit requeues the same command, and the run continues from its in-stage
+    checkpoint to the end."""
+    study = OmegaConf.load(_study(tmp_path, overrides=[
+        f"data.root={SUPERNI}", f"paths.cache_dir={CACHE}", f"paths.output_dir={tmp_path / 'out'}",
+        "trainer.epochs=12", "trainer.checkpoint_every_steps=2"]))
+    pool = S.Pool(study)
+    spec = S.RunSpec("holdout", "mixed", "lora", 5e-3, 1)
+    pool.start(spec)
+    job, _ = pool.running[spec]
+    ckpt = pool.run_dir(spec) / "checkpoints" / "in_stage"
+    t0 = time.time()
+    while not ckpt.exists() and time.time() - t0 < 180:
+        time.sleep(0.1)
+    assert ckpt.exists(), (tmp_path / "out" / "logs" / f"{spec.id}.log").read_text()[-3000:]
+    # the signal SLURM sends the job's tasks on preemption (submitit's USR2), to the task
+    tasks = Path(f"/proc/{job.job_id}/task/{job.job_id}/children").read_text().split()
+    assert len(tasks) == 1
+    os.kill(int(tasks[0]), X.preemption_signal())
+    assert pool.wait_one() == spec and not pool.failed
+    log = (tmp_path / "out" / "logs" / f"{spec.id}.log").read_text()
+    assert log.count("[job] ") == 2, log[-3000:]  # the first start and the requeued one
+    assert "resuming stage 0" in log
+    assert (tmp_path / "res" / "runs" / spec.id / "metrics.json").exists()
+    assert X.JobRecord.load(tmp_path / "out" / "jobs" / f"{spec.id}.json").attempt == 1
+
+
+def test_a_failing_run_is_retried_a_bounded_number_of_times_then_reported(tmp_path, capfd):
+    study = OmegaConf.load(_study(tmp_path, overrides=["method.rank=-3"]))  # invalid: exits 2
+    pool = S.Pool(study)
+    spec = S.RunSpec("holdout", "mixed", "lora", 1e-3, 1)
+    pool.start(spec)
+    assert pool.wait_one() == spec and pool.failed == [spec]
+    rec = X.JobRecord.load(tmp_path / "out" / "jobs" / f"{spec.id}.json")
+    assert rec.state == "failed" and rec.attempt == 2  # retries: 1
+    out = capfd.readouterr().out
+    assert out.count("[study] FAILED") == 2 and f"local job {rec.job_id}" in out
+    assert "exited with code 2" in rec.error and rec.log.endswith(f"{spec.id}.log")
+    # a new controller does not start it again, and status lists it as failed
+    again = S.Pool(study)
+    assert again.failed == [spec] and not again.running
+    rows = S.status(study, ["mixed"])
+    row = next(r for r in rows if r["run"] == spec.id)
+    assert row["state"].startswith("failed (attempt 2)") and row["job"] == rec.job_id
+
+
+FAKE_SBATCH = """#!/usr/bin/env python3
+import json, os, sys
+rec = os.environ["FAKE_SBATCH_RECORD"]
+script = open(sys.argv[-1]).read()
+with open(rec, "a") as f:
+    f.write(json.dumps({"argv": sys.argv[1:], "script": script}) + "\\n")
+print("Submitted batch job 4242")
+"""
+
+
+def test_slurm_submission_carries_resources_command_and_requeue(tmp_path, monkeypatch):
+    """What submitit would hand to SLURM, recorded by a fake ``sbatch`` on PATH: the study's
+    resources (nodes, one task per GPU, CPUs, memory, time, partition / account / qos, extra
+    options), the requeue-on-timeout setting and the signal submitit turns into a checkpoint,
+    and a pickled TrainJob whose command is the run's, with ``distributed=zero2`` for a
+    several-GPU run. It proves the submission, not a cluster's behaviour."""
+    import pickle
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit looks for srun on PATH
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SBATCH_RECORD", str(tmp_path / "sbatch.jsonl"))
+    study = OmegaConf.load(_study(tmp_path, threads=None, executor={
+        "name": "slurm", "retries": 2, "distributed": "zero2", "max_jobs": 16,
+        "slurm": {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 12, "mem_gb": 640,
+                  "timeout_min": 240, "partition": "h100", "account": "lab", "qos": "normal",
+                  "max_num_timeout": 5, "additional_parameters": {"constraint": "h100"}}}))
+    pool = S.Pool(study)
+    assert pool.workers == 16 and pool.res.gpus == 8 and pool.res.tasks == 8
+    spec = S.RunSpec("test", "mixed", "badit", 1e-3, 2)
+    pool.start(spec)
+    sub = [json.loads(x) for x in (tmp_path / "sbatch.jsonl").read_text().splitlines()]
+    assert len(sub) == 1
+    script = sub[0]["script"]
+    for line in ("#SBATCH --nodes=1", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --cpus-per-task=12", "#SBATCH --mem=640GB", "#SBATCH --time=240",
+                 "#SBATCH --partition=h100", "#SBATCH --account=lab", "#SBATCH --qos=normal",
+                 "#SBATCH --constraint=h100", "#SBATCH --signal=USR2@",
+                 f"#SBATCH --job-name=tiny:{spec.id}", "#SBATCH --open-mode=append"):
+        assert line in script, (line, script)
+    assert "srun" in script and "submitit.core._submit" in script
+    rec = X.JobRecord.load(tmp_path / "out" / "jobs" / f"{spec.id}.json")
+    assert rec.executor == "slurm" and rec.job_id == "4242"
+    job_pkl = next(Path(rec.folder).glob("*_submitted.pkl"))
+    delayed = pickle.loads(job_pkl.read_bytes())
+    fn = delayed.function
+    assert isinstance(fn, X.TrainJob) and fn.cmd[1:3] == ["-m", "badit_exp.train"]
+    assert "method=badit" in fn.cmd and "trainer.lr=0.001" in fn.cmd and "seed=2" in fn.cmd
+    assert fn.cmd[-1].startswith("distributed=zero2") or "distributed=zero2" in fn.cmd
+    assert not any(c.startswith("trainer.num_threads") for c in fn.cmd)
+    # requeue: checkpoint() hands back the same command; timeouts are bounded by submitit
+    again = fn.checkpoint()
+    assert again.function.cmd == fn.cmd and again.function is not fn
+    assert pool.res.params["slurm_max_num_timeout"] == 5
+    assert pool._executor._executor.max_num_timeout == 5
+
+
+def test_executor_config_errors_name_the_key():
+    with pytest.raises(X.ExecutorError, match="executor.slurm.gpus is not a SLURM resource"):
+        X.resources({"slurm": {"gpus": 8}}, "slurm", 1)
+    with pytest.raises(X.ExecutorError, match="tasks_per_node=2 with gpus_per_node=8"):
+        X.resources({"slurm": {"gpus_per_node": 8, "tasks_per_node": 2}}, "slurm", 1)
+    with pytest.raises(X.ExecutorError, match="executor.name='pbs'"):
+        X.resources({}, "pbs", 1)
+
+
+def test_study_help_lists_the_executor_and_status_and_plan():
+    out = subprocess.run([sys.executable, "-m", "badit_exp.study", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "--executor {local,slurm}" in out and "status" in out and "plan" in out
