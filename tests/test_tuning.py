@@ -348,6 +348,43 @@ def test_sequential_intermediate_evaluations_use_fewer_examples(tmp_path):
     assert all(len(f.read_text().splitlines()) == 2 for f in pred.glob("*.jsonl"))
 
 
+def test_intermediate_rows_score_the_loss_on_a_larger_sample_and_the_matrix_keeps_it(tmp_path):
+    """Issue 26 item 5: with data.loss_eval_per_task_intermediate the rows before the last
+    generate for 1 example per task but score the teacher-forced loss on 2; metrics.json keeps
+    the loss matrix, the study's run files keep every row's examples, and the loss-based
+    Forget / Backward terms follow SPEC section 3's shape."""
+    from badit_exp import metrics as M
+    from badit_exp.study_report import _loss_cl_units, collect
+
+    ov = tiny_overrides(tmp_path / "o", extra=[
+        "training_mode=sequential", "trainer.epochs=1", "data.max_eval_per_task_intermediate=1",
+        "data.loss_eval_per_task_intermediate=2"])
+    m = run_tiny(tmp_path / "run", ov)
+    L, n = m["matrix"]["loss"], m["matrix"]["loss_examples"]
+    assert len(L) == 3 and all(len(r) == 3 for r in L)
+    assert n[0] == [2, 2, 2] and n[1] == [2, 2, 2] and n[2] == [None] * 3  # final: all, as ever
+    pred = tmp_path / "run" / "predictions"
+    first = sorted(p for p in pred.iterdir() if p.is_dir())[0]
+    for f in first.glob("*.losses.jsonl"):
+        rows = [json.loads(x) for x in f.read_text().splitlines()]
+        gen = [json.loads(x) for x in (first / f.name.replace(".losses", "")).read_text()
+               .splitlines()]
+        assert len(rows) == 1 and len(gen) == 1
+        t = f.name.split(".")[0]
+        assert L[0][m["tasks"].index(t)] == pytest.approx((rows[0]["loss"] + gen[0]["loss"]) / 2)
+    collect(tmp_path / "run", tmp_path / "res")
+    rows = [json.loads(x) for x in (tmp_path / "res" / "rows.jsonl").read_text().splitlines()]
+    assert sum(r["row"] == 0 for r in rows) == 6  # 3 tasks x (1 generated + 1 loss-only)
+    fg, bw = _loss_cl_units(dict(m, seed=1))
+    assert list(fg.values()) == pytest.approx(M.loss_forget_terms(L))
+    H = [[1.0, 3.0, 3.0], [1.5, 0.5, 3.0], [2.0, 0.8, 0.4]]
+    assert M.loss_forget_terms(H) == pytest.approx([2.0 - 1.0, 0.8 - 0.5])
+    assert M.loss_backward_terms(H) == pytest.approx([1.0 - 2.0, 0.5 - 0.8, 0.0])
+    with pytest.raises(ConfigError, match="loss_eval_per_task_intermediate=1 is below"):
+        load(["scale=tiny", "data.max_eval_per_task_intermediate=2",
+              "data.loss_eval_per_task_intermediate=1"])
+
+
 def test_the_intermediate_cap_leaves_the_final_row_unchanged(tmp_path):
     """Evaluating fewer examples after the earlier stages (sequential tuning uses 1 per task)
     must not change training: the final row, its target losses and the adapter are the same."""

@@ -102,6 +102,10 @@ class DataConfig:
     # each task's evaluation instances (the final row always uses max_eval_per_task); None = all.
     # Cuts a T x T matrix's cost ~max_eval/N-fold; its earlier rows are then noisier.
     max_eval_per_task_intermediate: Optional[int] = None
+    # ... and their teacher-forced target loss (the loss matrix: loss-based Forget / Backward)
+    # on the first N (>= the generated ones); None = the same N as generation. A loss costs a
+    # forward pass, no generation: cheaper per example, not free (benchmarks/results/).
+    loss_eval_per_task_intermediate: Optional[int] = None
     # the budget: conf/scale/<name>.yaml
     max_train_per_task: int = MISSING
     max_eval_per_task: int = MISSING
@@ -130,6 +134,16 @@ class DataConfig:
         _choice("data.summary_metric", self.summary_metric, ["rougeL", "table4"])
         if self.max_eval_per_task_intermediate is not None:
             _positive("data.max_eval_per_task_intermediate", self.max_eval_per_task_intermediate)
+        if self.loss_eval_per_task_intermediate is not None:
+            _positive("data.loss_eval_per_task_intermediate",
+                      self.loss_eval_per_task_intermediate)
+            if (self.max_eval_per_task_intermediate or self.max_eval_per_task) > \
+                    self.loss_eval_per_task_intermediate:
+                raise ConfigError(
+                    f"data.loss_eval_per_task_intermediate={self.loss_eval_per_task_intermediate}"
+                    " is below the examples the intermediate rows generate for "
+                    f"({self.max_eval_per_task_intermediate or self.max_eval_per_task}); the loss "
+                    "sample must include them: raise it or leave it null.")
         if self.holdout_per_task < 0:
             raise ConfigError(f"data.holdout_per_task={self.holdout_per_task} is negative; use 0 "
                               "(no hold-out) or a positive count.")

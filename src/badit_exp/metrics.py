@@ -62,6 +62,21 @@ def backward_terms(A: Matrix) -> List[float]:
     return [A[T - 1][t] - A[t][t] for t in range(T)]
 
 
+def loss_forget_terms(L: Matrix) -> List[float]:
+    """Task t's share of the loss-based Forget, t < T, from the teacher-forced target-loss
+    matrix L (nats per target token; a forgotten task's loss rises): l_{T,t} - min over ALL rows
+    i < T of l_{i,t}, ``forget_terms`` with the loss's sign (higher = more forgetting)."""
+    T = len(L)
+    return [L[T - 1][t] - min(L[i][t] for i in range(T - 1)) for t in range(T - 1)]
+
+
+def loss_backward_terms(L: Matrix) -> List[float]:
+    """Task t's share of the loss-based Backward, t <= T: l_{t,t} - l_{T,t} (higher = the
+    final model fits task t better than right after it was trained; the last term is zero)."""
+    T = len(L)
+    return [L[t][t] - L[T - 1][t] for t in range(T)]
+
+
 def forget_rate(A: Matrix) -> float:
     """(1/(T-1)) sum_{t<T} (max over ALL rows i<T of a_{i,t}  -  a_{T,t}): the mean of
     :func:`forget_terms`."""

@@ -42,6 +42,19 @@ def collect(run_dir: Path, dest: Path) -> None:
                          "exact_match": r["exact_match"], "loss": r.get("loss"),
                          "prediction": r["prediction"]})
     write_jsonl(dest / "examples.jsonl", rows)
+    # sequential: every earlier row's per-example scores (and losses beyond them), for
+    # Forward on the same ids and the loss matrix's examples
+    inter = []
+    for d in sorted((run_dir / "predictions").glob("after_*")):
+        row = int(d.name.split("_")[1])
+        for f in sorted(d.glob("*.jsonl")):
+            task = f.name.split(".")[0]
+            for line in f.read_text().splitlines():
+                r = json.loads(line)
+                inter.append({"row": row, "task": task, "id": r["id"],
+                              "rougeL": r.get("rougeL"), "loss": r.get("loss")})
+    if inter:
+        write_jsonl(dest / "rows.jsonl", inter)
     if (run_dir / "scores.csv").exists():
         shutil.copy(run_dir / "scores.csv", dest / "scores.csv")
     shutil.copy(run_dir / "metrics.json", dest / "metrics.json")
@@ -63,6 +76,7 @@ def load_runs(results_dir: Path) -> List[Dict]:
                 loss_units[key] = r["loss"]
         met["units"], met["loss_units"] = units, loss_units
         met["forget_units"], met["backward_units"] = _cl_units(met)
+        met["loss_forget_units"], met["loss_backward_units"] = _loss_cl_units(met)
         met["split"] = "holdout" if met.get("eval_split") == "holdout" else "test"
         met["lr"] = float(met.get("lr") or met["config"]["trainer"]["lr"])
         out.append(met)
@@ -131,6 +145,18 @@ def _cl_units(met: Dict) -> Tuple[Dict, Dict]:
     tasks = met["tasks"]
     fg = {(met["seed"], tasks[t]): v for t, v in enumerate(M.forget_terms(A))}
     bw = {(met["seed"], tasks[t]): v for t, v in enumerate(M.backward_terms(A))}
+    return fg, bw
+
+
+def _loss_cl_units(met: Dict) -> Tuple[Dict, Dict]:
+    """The loss-matrix counterparts of :func:`_cl_units` (``metrics.loss_forget_terms`` /
+    ``loss_backward_terms``); empty for runs without a loss matrix (older runs)."""
+    L = (met.get("matrix") or {}).get("loss")
+    if met.get("mode") != "sequential" or not L or len(L) < 2:
+        return {}, {}
+    tasks = met["tasks"]
+    fg = {(met["seed"], tasks[t]): v for t, v in enumerate(M.loss_forget_terms(L))}
+    bw = {(met["seed"], tasks[t]): v for t, v in enumerate(M.loss_backward_terms(L))}
     return fg, bw
 
 
@@ -228,13 +254,17 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
     order = [m for m in methods if m in by] + sorted(m for m in by if m not in methods)
     seq = mode == "sequential"
     has_fw = any(r["forward_units"] for r in mine)
-    cl_metrics = (["forward"] if has_fw else []) + (["forget", "backward"] if seq else [])
+    has_loss = seq and any(r["loss_forget_units"] for r in mine)
+    cl_metrics = ((["forward"] if has_fw else []) + (["forget", "backward"] if seq else [])
+                  + (["loss_forget", "loss_backward"] if has_loss else []))
     rows, data = [], {}
     head = "| method | lr | seeds | ROUGE-L | per seed | test target loss | wall (min/run) |"
     if has_fw:
         head += " Forward [95% CI] | single-task ROUGE-L |"
     if seq:
         head += " Forget | Backward |"
+    if has_loss:
+        head += " Forget (loss) | Backward (loss) |"
     for m in order:
         rs = sorted(by[m], key=lambda r: r["seed"])
         lrs = sorted({r["lr"] for r in rs})
@@ -256,6 +286,12 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
             for k in ("forget_rate", "backward"):
                 v = [r[k] for r in rs if r.get(k) is not None]
                 cells.append(T.fmt_mean_std(v) if v else "n/a")
+                d[k] = v
+        if has_loss:
+            for k in ("loss_forget", "loss_backward"):
+                v = [float(np.mean(list(r[f"{k}_units"].values()))) for r in rs
+                     if r[f"{k}_units"]]
+                cells.append(f"{T.fmt_mean_std(v, 3)} ({len(v)})" if v else "n/a")
                 d[k] = v
         rows.append("| " + " | ".join(cells) + " |")
         data[m] = d
@@ -295,9 +331,13 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                 for k in cl_metrics:
                     cl = _cl_pair(by[m], by[base], k)
                     pair_data[f"{m}-{base}"][k] = cl
+                    dg = 3 if k.startswith("loss_") else 2
                     cells += ["n/a"] * 3 if cl is None else [
-                        f"{cl['diff'][0]:+.2f} [{cl['diff'][1]:+.2f}, {cl['diff'][2]:+.2f}]",
-                        ", ".join(f"{x:+.2f}" for x in cl["per_seed"]), cl["verdict"]]
+                        f"{cl['diff'][0]:+.{dg}f} [{cl['diff'][1]:+.{dg}f}, "
+                        f"{cl['diff'][2]:+.{dg}f}]",
+                        ", ".join(f"{x:+.{dg}f}" for x in cl["per_seed"]),
+                        T.seed_verdict(cl["diff"][1], cl["diff"][2], cl["per_seed"])
+                        if not k.startswith("loss_") else _loss_verdict(cl)]
                 cl_pairs.append("| " + " | ".join(cells) + " |")
     n_test = "/".join(str(n) for n in sorted({len(r["units"]) for r in mine}))
     budget = mine[0]["config"]
@@ -324,7 +364,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
              *([] if not has_fw else [FORWARD_NOTE[mode].format(
                  k=dcfg.get("max_eval_per_task_intermediate") or dcfg["max_eval_per_task"]), ""]),
              *([] if not cl_pairs else [
-                 ", ".join(k.capitalize() for k in cl_metrics) + " (SPEC section 3), paired "
+                 ", ".join(CL_NAMES[k] for k in cl_metrics) + " (SPEC section 3), paired "
                  "over (seed, task): each run's per-task shares of the metric ("
                  + "; ".join(CL_DEFS[k] for k in cl_metrics)
                  + "), the same seed for both methods; 95% paired bootstrap interval over those "
@@ -333,7 +373,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                     f"{dcfg.get('max_eval_per_task_intermediate') or dcfg['max_eval_per_task']} "
                     "test examples per task, so these are noisier than ROUGE-L." if seq else ""),
                  "",
-                 "| pair | " + " | ".join(f"{k.capitalize()} diff [95% CI] | per seed | verdict"
+                 "| pair | " + " | ".join(f"{CL_NAMES[k]} diff [95% CI] | per seed | verdict"
                                          for k in cl_metrics) + " |",
                  "|---" * (1 + 3 * len(cl_metrics)) + "|", *cl_pairs, ""]),
              f"Runs: {len(mine)}, {_hours(mine):.1f} process-hours; machine: {_machine(mine)}."]
@@ -357,11 +397,24 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
     return {"rows": data, "pairs": pair_data}
 
 
+def _loss_verdict(cl: Dict) -> str:
+    """A loss difference's verdict in words of the metric it mirrors (lower loss-Forget, higher
+    loss-Backward = better); the same rule as :func:`badit_exp.tuning.seed_verdict`."""
+    return T.seed_verdict(cl["diff"][1], cl["diff"][2], cl["per_seed"])
+
+
 CL_DEFS = {"forward": "Forward: a task's a_{t,t} minus its single-task score on the same examples",
+           "loss_forget": "Forget (loss): a task's final teacher-forced target loss minus its "
+                          "lowest over the rows before the last, nats",
+           "loss_backward": "Backward (loss): a task's loss right after it was trained minus "
+                            "its final loss, nats",
            "forget": "Forget: a task's max ROUGE-L over the rows before the last minus its final "
                      "ROUGE-L",
            "backward": "Backward: its final ROUGE-L minus its ROUGE-L right after it was trained"}
-CL_BETTER = {"forward": "higher Forward", "forget": "lower Forget", "backward": "higher Backward"}
+CL_BETTER = {"forward": "higher Forward", "forget": "lower Forget", "backward": "higher Backward",
+             "loss_forget": "lower Forget (loss)", "loss_backward": "higher Backward (loss)"}
+CL_NAMES = {"forward": "Forward", "forget": "Forget", "backward": "Backward",
+            "loss_forget": "Forget (loss)", "loss_backward": "Backward (loss)"}
 
 def _better(metrics: Sequence[str]) -> str:
     txt = ", ".join(CL_BETTER[k] for k in metrics)

@@ -67,6 +67,11 @@ def write_results(cfg: Config, resolved: Dict, stages: Sequence[Stage], progress
         out["matrix"] = {"summary": A, "rougeL": [[res[s][t]["rougeL"] for t in tasks]
                                                   for s in stage_names],
                          "exact_match": A_em}
+        if all("loss" in res[s][t] for s in stage_names for t in tasks):
+            # teacher-forced target loss per (row, task): loss-based Forget / Backward
+            out["matrix"]["loss"] = [[res[s][t]["loss"] for t in tasks] for s in stage_names]
+            out["matrix"]["loss_examples"] = [[res[s][t].get("loss_n") for t in tasks]
+                                              for s in stage_names]
         out.update(M.compute_metrics(A, tasks, mode, single, reason))
         em_single = None
         if single is not None and "single_exact_match" in single:

@@ -33,7 +33,7 @@ from badit_exp import dist as D
 from badit_exp.config import Config, ConfigError
 from badit_exp.data.prompts import collate_train, tokenize_task
 from badit_exp.data.superni import Task, check_disjoint, load_task, split_holdout, take
-from badit_exp.evaluation.generate import evaluate_task
+from badit_exp.evaluation.generate import evaluate_task, example_losses
 from badit_exp.io_utils import atomic_write_json, truncate_jsonl, write_jsonl
 from badit_exp.methods import registry
 from badit_exp.metrics import METRIC_NAMES
@@ -301,10 +301,16 @@ class Runner:
                 max_new_tokens=self.cfg.data.max_new_tokens, device=self.device,
                 autocast_dtype=self.autocast_dtype, loss_examples=self.eval_loss_examples[t][:n],
                 before_forward=lambda batch: method.before_forward(model, batch))
+            extra = self._extra_losses(model, method, t, len(records), final)
+            if extra:  # the row's loss over the larger loss sample
+                scores = dict(scores, loss=sum(r["loss"] for r in records + extra)
+                              / len(records + extra), loss_n=len(records + extra))
             method.end_eval(t)
             done[t] = scores
             if self.is_main:
                 write_jsonl(pred_dir / f"{t}.jsonl", records)
+                if extra:
+                    write_jsonl(pred_dir / f"{t}.losses.jsonl", extra)
                 if final and pred_dir != self.run_dir / "predictions":
                     write_jsonl(self.run_dir / "predictions" / f"{t}.jsonl", records)
                 atomic_write_json(partial_path, done)
@@ -313,6 +319,20 @@ class Runner:
                             step=step)
         method.after_evaluate(stage.name)
         return done
+
+    def _extra_losses(self, model, method, t: str, generated: int, final: bool) -> List[Dict]:
+        """An intermediate row's teacher-forced losses beyond its generated examples, up to
+        ``data.loss_eval_per_task_intermediate`` (``[{"id", "loss"}]``; empty when none)."""
+        k = self.cfg.data.loss_eval_per_task_intermediate
+        if final or not k or k <= generated:
+            return []
+        ex = self.eval_loss_examples[t][generated:k]
+        insts = self.eval_tasks[t].instances[generated:k]
+        losses = example_losses(model, ex, pad_id=self.tok.pad_token_id,
+                                batch_size=self.cfg.trainer.eval_batch_size, device=self.device,
+                                autocast_dtype=self.autocast_dtype,
+                                before_forward=lambda batch: method.before_forward(model, batch))
+        return [{"id": x.id, "loss": v} for x, v in zip(insts, losses)]
 
     def checkpoint_stage(self, model, method, i: int) -> None:
         self.rundir.save_stage(i, method.state_dict(model))
