@@ -220,3 +220,67 @@ def test_study_help_lists_the_executor_and_status_and_plan():
     out = subprocess.run([sys.executable, "-m", "badit_exp.study", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=60).stdout
     assert "--executor {local,slurm}" in out and "status" in out and "plan" in out
+
+
+# ---------------------------------------------------------------------------- the GPU plan
+def test_the_estimate_arithmetic():
+    """Training: tokens x seconds per token x the parameter ratio, or the step floor when that
+    is larger; generation: prompts at half a training token's cost plus decoding from the
+    memory bandwidth; sequential rows before the last on the intermediate sample."""
+    from badit_exp import study_plan as P
+
+    cfg = OmegaConf.create({"trainer": {"epochs": 10, "per_device_batch_size": 1,
+                                        "grad_accum_steps": 1},
+                            "data": {"max_new_tokens": 50, "max_eval_per_task_intermediate": 1}})
+    data = {"tasks": {"a": {"train_tokens": 1000, "train_n": 16, "eval_prompt_tokens": [100, 300]},
+                      "b": {"train_tokens": 3000, "train_n": 8, "eval_prompt_tokens": [200]}}}
+    ref = {"s_per_token": {"lora": 1e-6}, "params": 1e9}
+    est = OmegaConf.create({"fallback_method": "lora", "hbm_tb_s": 4.0,
+                            "eval_examples_per_batch": 10, "step_floor_s": 0.0})
+    c = P.run_cost(cfg, "mixed", data, ref, "badit", 2e9, 8, est)  # badit: lora's measurement
+    assert c["train_tokens"] == 40000 and c["train_s"] == pytest.approx(40000 * 1e-6 * 2)
+    assert c["steps"] == -(-24 * 10 // 8) == 30
+    decode = 50 * 4e9 / 4e12 / 10
+    assert c["eval_s"] == pytest.approx(600 * 2e-6 / 2 + 3 * decode)
+    seq = P.run_cost(cfg, "sequential", data, ref, "lora", 2e9, 8, est)
+    assert seq["steps"] == 20 + 10
+    assert seq["eval_s"] == pytest.approx((100 + 200) * 1e-6 + 2 * decode + c["eval_s"])
+    floor = P.run_cost(cfg, "mixed", data, ref, "lora", 2e9, 8,
+                       OmegaConf.merge(est, {"step_floor_s": 1.0}))
+    assert floor["train_s"] == pytest.approx(30 * 1.0 * 8) and floor["compute_s"] == c["train_s"]
+
+
+def test_plan_commands_compose_and_validate_for_every_kind_of_run(tmp_path, monkeypatch):
+    """The GPU study's commands compose and validate (one per mode and kind here; the slow test
+    checks all of them), with 8-GPU resources and zero2 added."""
+    from badit_exp import study_plan as P
+    from badit_exp.compose import load
+
+    study = S.load_study("study_gpu_qwen3_4b")
+    pool = S.Pool(study, dry_run=True)
+    assert pool.res.gpus == 8 and pool.res.name == "slurm"
+    seen = {}
+    for mode in ("mixed", "sequential"):
+        for sp, kind, tuned in S.planned(study, mode):
+            seen.setdefault((mode, kind), (sp, tuned))
+    assert {k for _, k in seen} == {"tune", "test", "single"}
+    for (_mode, kind), (sp, tuned) in seen.items():
+        cmd = pool.command(sp)
+        assert cmd[-1] == "distributed=zero2"
+        cfg = load(P.run_overrides(cmd))
+        assert cfg.model.name == "qwen3-4b" and cfg.trainer.precision == "bf16"
+        assert cfg.data.max_train_per_task == 1000 and cfg.trainer.epochs == 10
+        assert cfg.training_mode.name == (sp.mode) and tuned == (kind != "tune")
+        assert cfg.data.eval_split == ("holdout" if kind == "tune" else "test")
+
+
+@SLOW  # composes all 117 runs and tokenises the data (about a minute)
+def test_the_gpu_study_plan_prints_every_run_validated_with_its_cost(capsys):
+    study = S.load_study("study_gpu_qwen3_4b")
+    runs, facts = S.build_plan(study, ["mixed", "sequential"])
+    assert len(runs) == 3 * 7 + 3 * 6 + 2 * 3 * (7 + 6)
+    assert all(r.gpus == 8 and r.gpu_hours > 0 for r in runs)
+    assert facts["reference"]["device"] == "NVIDIA H200"
+    assert S.plan(study, ["mixed"]) == 0
+    out = capsys.readouterr().out
+    assert "Estimated GPU-hours:" in out and "step_time_h200_random_0.5b.json" in out

@@ -34,9 +34,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from badit_exp import executors as X
+from badit_exp import study_plan as P
 from badit_exp import study_report as R
 from badit_exp import tuning as T
-from badit_exp.compose import CONF_DIR
+from badit_exp.compose import CONF_DIR, load
 
 REPO = Path(CONF_DIR).parent
 
@@ -377,6 +378,113 @@ def run_study(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
     return 1 if pool.failed else 0
 
 
+# ---------------------------------------------------------------------------- plan
+def est_floor(study) -> float:
+    return float(OmegaConf.select(study, "estimate.step_floor_s", default=0.1))
+
+
+@dataclass
+class PlannedRun:
+    spec: RunSpec
+    kind: str  # tune | test | single
+    tuned: bool  # the rate is a placeholder until the tuning chooses it
+    command: List[str]
+    resources: str
+    gpus: int
+    hours: float  # wall-clock hours of one run
+    gpu_hours: float
+
+
+def planned(study, mode: str) -> List[Tuple[RunSpec, str, bool]]:
+    """Every run of ``mode``: the tuning grid, then per seed each method's test run and its
+    single-task run (Forward), at the chosen rate when the committed results have one, else at
+    the grid's middle (``tuned`` = True)."""
+    out = []
+    for sp, kind in planned_runs(study, mode):
+        if kind.endswith("?"):
+            grid = [float(x) for x in study.tune.grids[mode][sp.method]]
+            sp = RunSpec(sp.split, sp.mode, sp.method, grid[len(grid) // 2], sp.seed)
+            out.append((sp, kind[:-1], True))
+        else:
+            out.append((sp, kind, False))
+    return out
+
+
+
+def build_plan(study, modes: Sequence[str]) -> Tuple[List[PlannedRun], Dict]:
+    """Every run of ``modes`` with its validated command and cost; and the cost model's facts."""
+    pool = Pool(study, dry_run=True)
+    est = study.get("estimate") or OmegaConf.create({})
+    est = OmegaConf.merge(OmegaConf.create({"step_times": None, "fallback_method": "lora",
+                                            "hbm_tb_s": 4.8, "eval_examples_per_batch": 16,
+                                            "step_floor_s": 0.1}), est)
+    ref = P.reference(_path(est.step_times)) if est.step_times else None
+    runs: List[PlannedRun] = []
+    cache: Dict = {}
+    facts: Dict = {"reference": ref}
+    for mode in modes:
+        for sp, kind, tuned in planned(study, mode):
+            cmd = pool.command(sp)
+            cfg = load(P.run_overrides(cmd))  # composes and validates, as the run will
+            key = (sp.split, cfg.data.max_train_per_task, cfg.data.holdout_per_task,
+                   cfg.data.max_eval_per_task, cfg.model.name)
+            if key not in cache:
+                cache[key] = (P.data_tokens(cfg), P.non_embedding_params(cfg))
+                facts.setdefault("tokenizer", cache[key][0]["tokenizer"])
+                facts["params"] = cache[key][1]
+            data, params = cache[key]
+            gpus = max(pool.res.gpus, 1) if pool.res.name == "slurm" else 0
+            if ref is None:
+                hours, gh = float("nan"), float("nan")
+            else:
+                c = P.run_cost(cfg, sp.mode, data, ref, sp.method, params, max(gpus, 1), est)
+                gh = (c["train_s"] + c["eval_s"]) / 3600
+                hours = gh / max(gpus, 1)
+                facts["compute_gpu_hours"] = facts.get("compute_gpu_hours", 0.0) + (
+                    c["compute_s"] + c["eval_s"]) / 3600
+            runs.append(PlannedRun(sp, kind, tuned, cmd, pool.res.describe(), gpus, hours, gh))
+    return runs, facts
+
+
+def plan(study, modes: Sequence[str]) -> int:
+    """Print every run of ``modes`` with its command, resources and estimated GPU-hours."""
+    runs, facts = build_plan(study, modes)
+    ref = facts["reference"]
+    print(f"# Plan of study {study.name}: {len(runs)} runs ({', '.join(modes)})\n")
+    print("| run | kind | lr | seed | GPUs | est. hours | est. GPU-hours |\n|---|---|---|---|---|---|---|")
+    for r in runs:
+        lr = T.fmt_lr(r.spec.lr) + (" (tuned)" if r.tuned else "")
+        print(f"| {r.spec.id if not r.tuned else r.spec.id.replace(T.fmt_lr(r.spec.lr), '?')} | "
+              f"{r.kind} | {lr} | {r.spec.seed} | {r.gpus} | {r.hours:.2f} | "
+              f"{r.gpu_hours:.1f} |")
+    print("\nCommands (each composed and validated):")
+    for r in runs:
+        print("  " + " ".join(r.command[1:]))
+    print(f"\nResources per run: {runs[0].resources if runs else '-'}")
+    by_kind: Dict[str, float] = {}
+    for r in runs:
+        by_kind[r.kind] = by_kind.get(r.kind, 0.0) + r.gpu_hours
+    total = sum(by_kind.values())
+    ext = int(study.tune.get("max_extensions", 0))
+    n_methods = sum(len(study.tune.grids[m]) for m in modes if m in study.tune.grids)
+    if ref is not None:
+        print(f"\nEstimated GPU-hours: {total:.0f} in all ("
+              + ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_kind.items())) + "); "
+              f"up to {ext} extra tuning run(s) per method and mode if a best rate sits at its "
+              f"grid's edge ({n_methods} grids).")
+        print(f"Source: {ref['path']} ({ref['device']}, {ref['model']}, "
+              f"{ref['params'] / 1e6:.0f} M non-embedding parameters, "
+              f"{ref['tokens_per_step']} tokens a step), scaled to "
+              f"{facts['params'] / 1e9:.2f} B non-embedding parameters (x"
+              f"{facts['params'] / ref['params']:.1f}) and each run's training tokens "
+              f"(tokenizer: {facts['tokenizer']}); generation from the memory bandwidth; at "
+              f"least {est_floor(study)} s per optimizer step per GPU (an assumed floor, "
+              "`estimate.step_floor_s`). Compute alone (no floor) would be "
+              f"{facts['compute_gpu_hours']:.0f} GPU-hours. The model: "
+              "src/badit_exp/study_plan.py and docs/clusters.md.")
+    return 0
+
+
 # ---------------------------------------------------------------------------- status
 def planned_runs(study, mode: str) -> List[Tuple[RunSpec, str]]:
     """Every run of ``study`` in ``mode`` as far as the committed results fix it: each method's
@@ -497,9 +605,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         status(study, modes)
         return 0
     if a.action == "plan":
-        from badit_exp import study_plan
-
-        return study_plan.main(study, modes)
+        return plan(study, modes)
     a.mode = a.mode or "mixed"
     if a.action == "tune":
         methods = a.methods.split(",") if a.methods else list(study.study[a.mode].methods)
