@@ -477,6 +477,95 @@ def _cl_pair(runs_a: Sequence[Dict], runs_b: Sequence[Dict], metric: str) -> Opt
             "verdict": T.seed_verdict(diff[1], diff[2], per_seed), "units": len(a)}
 
 
+# the paper's claims this budget can test: (mode, claim, method a, method b, metric, better)
+# with a - b > 0 supporting the claim when better = +1, a - b < 0 when better = -1
+CLAIMS = [
+    ("mixed", "BADIT scores above LoRA (rank 4, the paper's baseline)", "badit", "lora", "rougeL", 1),
+    ("mixed", "BADIT scores above LoRA at equal size (rank 32)", "badit", "lora_r32", "rougeL", 1),
+    ("mixed", "BADIT scores above LoRAMoE", "badit", "loramoe", "rougeL", 1),
+    ("mixed", "BADIT interferes less than LoRA (Forward, rank 32)", "badit", "lora_r32",
+     "forward", 1),
+    ("mixed", "BADIT interferes less than LoRAMoE (Forward)", "badit", "loramoe", "forward", 1),
+    ("mixed", "DOG helps (BADIT vs BADIT without DOG)", "badit", "badit_wo_dog", "rougeL", 1),
+    ("mixed", "the SVD initialisation helps (PiSSA vs LoRA, rank 32)", "pissa_r32", "lora_r32",
+     "rougeL", 1),
+    ("sequential", "BADIT ends above LoRA (rank 32)", "badit", "lora_r32", "rougeL", 1),
+    ("sequential", "BADIT ends above LoRAMoE", "badit", "loramoe", "rougeL", 1),
+    ("sequential", "BADIT forgets less than LoRA (rank 32)", "badit", "lora_r32", "forget", -1),
+    ("sequential", "BADIT forgets less than LoRAMoE", "badit", "loramoe", "forget", -1),
+    ("sequential", "DOG helps (BADIT vs BADIT without DOG)", "badit", "badit_wo_dog", "rougeL", 1),
+]
+
+
+def _pair(pairs: Dict, a: str, b: str, metric: str) -> Optional[Tuple[float, float, float, List]]:
+    """``a - b`` of ``metric`` from a study's pairs (either orientation), with per-seed values."""
+    for x, y, sign in ((a, b, 1), (b, a, -1)):
+        p = pairs.get(f"{x}-{y}")
+        if not p:
+            continue
+        v = p.get(metric) if metric != "rougeL" else p["rougeL"]
+        if v is None:
+            continue
+        d, lo, hi = (v["diff"] if isinstance(v, dict) else v)
+        per = (v["per_seed"] if isinstance(v, dict) else p["per_seed"])
+        if sign < 0:
+            d, lo, hi, per = -d, -hi, -lo, [-z for z in per]
+        return d, lo, hi, per
+    return None
+
+
+def claims_table(study_out: Dict) -> List[str]:
+    """The README's claims table: each claim beside the measured difference, its interval and
+    the verdict; an unresolved one with the interval it would need."""
+    rows = ["| mode | the paper's claim | measured (a − b) [95% CI] | per seed | verdict |",
+            "|---|---|---|---|---|"]
+    for mode, claim, a, b, metric, better in CLAIMS:
+        pairs = (study_out.get(mode) or {}).get("pairs", {})
+        got = _pair(pairs, a, b, metric)
+        name = {"rougeL": "ROUGE-L", "forward": "Forward", "forget": "Forget"}[metric]
+        if got is None:
+            rows.append(f"| {mode} | {claim} | not measured yet ({a}, {b}: {name}) | | — |")
+            continue
+        d, lo, hi, per = got
+        verdict = T.seed_verdict(lo, hi, per)
+        if verdict.startswith("measurably"):
+            ok = (d > 0) == (better > 0)
+            verdict = "supported" if ok else "contradicted"
+        else:
+            half = (hi - lo) / 2
+            factor = (half / abs(d)) ** 2 if abs(d) > 1e-9 else float("inf")
+            verdict = (f"unresolved: the interval (half-width {half:.2f}) rules out effects "
+                       f"beyond {max(abs(lo), abs(hi)):.2f}; resolving {abs(d):.2f} needs a "
+                       "half-width below it, "
+                       + (f"about {max(1.0, factor):.0f}x the units (seeds x test examples)"
+                          if factor <= 100 else "over 100x the units: no affordable study"))
+        rows.append(f"| {mode} | {claim} | {name} {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                    + ", ".join(f"{z:+.2f}" for z in per) + f" | {verdict} |")
+    return rows
+
+
+def readme_block(name: str) -> Tuple[str, str]:
+    return f"<!-- claims:{name} (written by `python -m badit_exp.study report`) -->", \
+        "<!-- /claims -->"
+
+
+def update_readme(path: Path, name: str, table: List[str]) -> bool:
+    """Replace the README's claims block of study ``name`` (between :func:`readme_block`'s
+    markers) with ``table``, so the README and the report cannot disagree; False when the
+    README has no such block."""
+    if not path.is_file():
+        return False
+    start, end = readme_block(name)
+    text = path.read_text()
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        return False
+    new = text[:i] + start + "\n" + "\n".join(table) + "\n" + text[j:]
+    if new != text:
+        atomic_write_text(path, new)
+    return True
+
+
 def report(study) -> Dict:
     """Every table of ``study`` from its committed run files; prints the markdown."""
     res = Path(study.results_dir)
@@ -494,6 +583,17 @@ def report(study) -> Dict:
         if s:
             out["study"][mode] = s
             print((res / f"study_{mode}.md").read_text())
+    if out["study"]:
+        head = ["# The paper's claims at this budget", "",
+                "Built by `python -m badit_exp.study report` from the study's pairs "
+                "(`study_<mode>.md`): a claim is supported or contradicted only when the paired "
+                "95% interval excludes 0 and every seed agrees (Forget: lower is less "
+                "forgetting). Rates tuned on the hold-out, never on test.", ""]
+        table = claims_table(out["study"])
+        atomic_write_text(res / "claims.md", "\n".join(head + table) + "\n")
+        print((res / "claims.md").read_text())
+        update_readme(Path(__file__).resolve().parents[2] / "README.md", study.get("name", ""),
+                      table)
     atomic_write_json(res / "study.json", _clean(out))
     return out
 
