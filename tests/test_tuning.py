@@ -497,3 +497,23 @@ def test_tune_and_run_starts_a_methods_study_once_its_rate_is_settled(tmp_path, 
     # rerun: everything is committed, nothing starts
     log.clear()
     assert S.tune_and_run(study, "mixed", ["badit", "loramoe"], [1, 2]) == 0 and not log
+
+
+def test_a_committed_run_lacking_what_the_study_requires_is_run_again(tmp_path):
+    """`requires.<mode>` (e.g. the loss matrix, issue 26): a committed run without it counts as
+    unfinished, so the study runs it again; one with it, or of another mode, is finished."""
+    from badit_exp import study as S
+
+    _fake_run(tmp_path, "test", "sequential", "badit", 1e-4, 1, [10.0] * 6, 2.0,
+              [[1.0, 2.0, 3.0]] * 3)
+    _fake_run(tmp_path, "test", "mixed", "badit", 1e-3, 1, [10.0] * 6, 2.0)
+    study = OmegaConf.create({"results_dir": str(tmp_path),
+                              "requires": {"sequential": ["matrix.loss"]}})
+    seq = S.RunSpec("test", "sequential", "badit", 1e-4, 1)
+    assert S.finished(study, seq) is None
+    assert S.finished(study, S.RunSpec("test", "mixed", "badit", 1e-3, 1)) is not None
+    p = tmp_path / "runs" / seq.id / "metrics.json"
+    m = json.loads(p.read_text())
+    m["matrix"]["loss"] = [[1.0] * 3] * 3
+    p.write_text(json.dumps(m))
+    assert S.finished(study, seq)["matrix"]["loss"]

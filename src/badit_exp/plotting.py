@@ -144,6 +144,32 @@ def lr_curves(path: Path, curves, title: str, ylabel: str = "hold-out ROUGE-L") 
     _save(fig, path)
 
 
+def frontier(path: Path, curves, title: str, xlabel: str) -> None:
+    """Plasticity against forgetting: one line per method through its rates (x = Forget,
+    y = final score), each point labelled with its rate, the chosen rate circled.
+
+    Args:
+        curves: {method: [(forget, score, rate label, chosen), ...]} sorted by rate.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for i, (method, pts) in enumerate(curves.items()):
+        color = plt.cm.tab10(i % 10)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", color=color, label=method,
+                linewidth=2.5 if method == "lora_r32" else 1.5)
+        for x, y, lab, chosen in pts:
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=color)
+            if chosen:
+                ax.scatter([x], [y], s=160, facecolors="none", edgecolors=color, linewidths=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final hold-out ROUGE-L")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def study_points(path: Path, rows, panels, title: str) -> None:
     """Left: each method's ROUGE-L per seed (dots) and mean ± std (bar), its rate in the label.
     Then one panel per paired comparison: each method's difference to the baseline with its 95%

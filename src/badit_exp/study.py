@@ -105,8 +105,20 @@ def forward_runs(study, mode: str) -> bool:
 
 
 def finished(study, spec: RunSpec) -> Optional[Dict]:
+    """The committed metrics of ``spec``; None when it has none, or when they lack a key the
+    study now requires of its mode (``requires.<mode>``: dotted keys, e.g. ``matrix.loss``):
+    such a run is run again and its files replaced (the old ones stay in git's history)."""
     p = _path(study.results_dir) / "runs" / spec.id / "metrics.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    m = json.loads(p.read_text())
+    for key in OmegaConf.select(study, f"requires.{spec.mode}", default=None) or []:
+        node = m
+        for part in str(key).split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return None
+    return m
 
 
 # ---------------------------------------------------------------------------- scheduling

@@ -243,8 +243,10 @@ def tune_table(runs: Sequence[Dict], mode: str, out_dir: Path) -> Optional[Dict]
 
 
 def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
-                baselines: Sequence[str], out_dir: Path) -> Optional[Dict]:
-    """``study_<mode>.md``: the tuned study's rows and paired intervals (None: no runs)."""
+                baselines: Sequence[str], out_dir: Path,
+                families: Optional[Dict[str, Sequence[str]]] = None) -> Optional[Dict]:
+    """``study_<mode>.md``: the tuned study's rows and paired intervals (None: no runs); rows
+    grouped by ``families`` ({family: [methods]}, in that order) when given."""
     mine = [r for r in runs if r["split"] == "test" and r["mode"] == mode]
     if not mine:
         return None
@@ -252,13 +254,19 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
     for r in mine:
         by.setdefault(r["method"], []).append(r)
     order = [m for m in methods if m in by] + sorted(m for m in by if m not in methods)
+    family = {m: f for f, ms in (families or {}).items() for m in ms}
+    if families:
+        rank = {f: i for i, f in enumerate(families)}
+        order = sorted(order, key=lambda m: (rank.get(family.get(m), len(rank)),
+                                             order.index(m)))
     seq = mode == "sequential"
     has_fw = any(r["forward_units"] for r in mine)
     has_loss = seq and any(r["loss_forget_units"] for r in mine)
     cl_metrics = ((["forward"] if has_fw else []) + (["forget", "backward"] if seq else [])
                   + (["loss_forget", "loss_backward"] if has_loss else []))
     rows, data = [], {}
-    head = "| method | lr | seeds | ROUGE-L | per seed | test target loss | wall (min/run) |"
+    head = ("| family " if families else "") + \
+        "| method | lr | seeds | ROUGE-L | per seed | test target loss | wall (min/run) |"
     if has_fw:
         head += " Forward [95% CI] | single-task ROUGE-L |"
     if seq:
@@ -293,6 +301,9 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                      if r[f"{k}_units"]]
                 cells.append(f"{T.fmt_mean_std(v, 3)} ({len(v)})" if v else "n/a")
                 d[k] = v
+        if families:
+            cells.insert(0, family.get(m, "other"))
+            d["family"] = family.get(m, "other")
         rows.append("| " + " | ".join(cells) + " |")
         data[m] = d
     pairs, pair_data, cl_pairs = [], {}, []
@@ -459,6 +470,103 @@ def forward_summary(runs: Sequence[Dict]) -> Optional[Dict]:
             "sources": [r["forward_source"] for r in with_fw]}
 
 
+def _gap_to_front(run: Dict, fg: float, seg: List) -> Tuple[float, float, float]:
+    """A run's final ROUGE-L minus the baseline frontier ``seg`` at Forget ``fg`` (the two
+    frontier points around it, mixed linearly), paired over the same hold-out examples:
+    (difference, 95% bootstrap interval)."""
+    xs = [p[1] for p in seg]
+    if fg >= xs[-1]:
+        a, b, w = seg[-1][3], seg[-1][3], 1.0
+    else:
+        j = max(i for i, x in enumerate(xs) if x <= fg)
+        a, b = seg[j][3], seg[j + 1][3]
+        w = 1.0 - (fg - xs[j]) / (xs[j + 1] - xs[j]) if xs[j + 1] > xs[j] else 1.0
+    ua = {k[1:]: v for k, v in a["units"].items()}
+    ub = {k[1:]: v for k, v in b["units"].items()}
+    um = {k[1:]: v for k, v in run["units"].items()}
+    keys = [k for k in um if k in ua and k in ub]
+    x = np.array([um[k] for k in keys])
+    y = np.array([w * ua[k] + (1 - w) * ub[k] for k in keys])
+    return T.paired_bootstrap(x, y, weights=T.task_weights([(0, *k) for k in keys]),
+                              n_resamples=2999)
+
+
+def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r32",
+                   choices: Optional[Dict[str, T.Choice]] = None) -> Optional[Dict]:
+    """The plasticity-forgetting frontier of the sequential tuning runs (hold-out): per method
+    and rate, final hold-out ROUGE-L against Forget, loss-based where every run has its loss
+    matrix (ROUGE-based otherwise, on the rows' few examples); ``frontier_sequential.md`` /
+    ``.png`` and, per method, whether its points lie above ``baseline``'s curve (linear
+    interpolation in Forget) beyond the noise (the two points' interval half-widths added in
+    quadrature)."""
+    mine = [r for r in runs if r["split"] == "holdout" and r["mode"] == "sequential"]
+    if not mine:
+        return None
+    use_loss = all(r["loss_forget_units"] for r in mine)
+    key = "loss_forget_units" if use_loss else "forget_units"
+    pts: Dict[str, List[Tuple[float, float, float, Dict]]] = {}
+    for r in mine:
+        if r[key]:
+            pts.setdefault(r["method"], []).append(
+                (r["lr"], float(np.mean(list(r[key].values()))), r["rouge"], r))
+    for m in pts:
+        pts[m].sort()
+    base = pts.get(baseline)
+    verdicts: Dict[str, List[str]] = {}
+    rows = []
+    for m, ps in pts.items():
+        for lr, fg, rg, r in ps:
+            note = ""
+            if base and m != baseline:
+                # the baseline's frontier: its points no other of its points beats on both
+                # (less Forget and more ROUGE-L), joined linearly, flat beyond its last point
+                seg = sorted((p for p in base if not any(q[1] <= p[1] and q[2] > p[2]
+                                                         for q in base if q is not p)),
+                             key=lambda p: p[1])
+                if fg >= seg[0][1]:
+                    gap, lo, hi = _gap_to_front(r, fg, seg)
+                    note = (f"{gap:+.2f} [{lo:+.2f}, {hi:+.2f}] vs {baseline}: "
+                            + ("above" if lo > 0 else "below" if hi < 0
+                               else "within the noise"))
+                else:
+                    note = f"forgets less than any {baseline} point"
+                verdicts.setdefault(m, []).append(note.split(": ")[-1])
+            chosen = choices.get(m).lr if choices and m in choices else None
+            rows.append(f"| {m} | {T.fmt_lr(lr)}{' (chosen)' if chosen == lr else ''} | "
+                        f"{rg:.2f} | {fg:+.3f} | {note} |")
+    what = ("Forget (loss): mean over t < T of l_{T,t} − min_{i<T} l_{i,t}, nats, on every "
+            "hold-out example" if use_loss else
+            "Forget (ROUGE-L) from rows of few hold-out examples (no loss matrix yet)")
+    summary = []
+    for m, v in verdicts.items():
+        n_above, n_below = v.count("above"), v.count("below")
+        summary.append(f"- **{m}**: " + (
+            f"above {baseline}'s curve beyond the noise at {n_above} of {len(v)} rates"
+            if n_above and not n_below else
+            f"below {baseline}'s curve beyond the noise at {n_below} of {len(v)} rates"
+            if n_below and not n_above else
+            f"not beyond the noise of {baseline}'s curve ({', '.join(v)})"))
+    lines = ["# Plasticity against forgetting, sequential tuning runs (hold-out of train.json)",
+             "", f"Per method and rate (seed 1, Table-5 order 1): final hold-out ROUGE-L against "
+             f"{what}. A point above {baseline}'s curve keeps more final score at equal "
+             "forgetting ({baseline}'s frontier: its undominated points joined linearly, flat "
+             "beyond the last); the interval is a paired 95% bootstrap over the same hold-out "
+             "examples (the method's point against the frontier's two points around its Forget, "
+             "mixed as the interpolation mixes them); Forget's own noise is not in it.", "",
+             "| method | lr | final ROUGE-L | Forget | against the curve |", "|---|---|---|---|---|",
+             *rows, "", *summary]
+    atomic_write_text(out_dir / "frontier_sequential.md", "\n".join(lines) + "\n")
+    plotting.frontier(out_dir / "frontier_sequential.png",
+                      {m: [(fg, rg, T.fmt_lr(lr), bool(choices and m in choices
+                                                      and choices[m].lr == lr))
+                           for lr, fg, rg, _ in ps] for m, ps in pts.items()},
+                      "plasticity vs forgetting (sequential tuning, hold-out)",
+                      "Forget (loss, nats)" if use_loss else "Forget (ROUGE-L)")
+    return {"metric": "loss" if use_loss else "rougeL",
+            "points": {m: [[lr, fg, rg] for lr, fg, rg, _ in ps] for m, ps in pts.items()},
+            "verdicts": verdicts}
+
+
 def _cl_pair(runs_a: Sequence[Dict], runs_b: Sequence[Dict], metric: str) -> Optional[Dict]:
     """``metric`` (forward | forget | backward) of method a minus method b, paired over the (seed, task)
     units both have: the mean difference (that of the table's column), its 95% paired bootstrap
@@ -578,11 +686,16 @@ def report(study) -> Dict:
             out["tune"][mode] = t
             print((res / f"tune_{mode}.md").read_text())
         spec = study.study.get(mode)
+        fams = study.get("families")
         s = study_table(runs, mode, list(spec.methods) if spec else [], list(study.baselines),
-                        res)
+                        res, {k: list(v) for k, v in fams.items()} if fams else None)
         if s:
             out["study"][mode] = s
             print((res / f"study_{mode}.md").read_text())
+    fr = frontier_table(runs, res, choices=choices_from(runs, "sequential"))
+    if fr:
+        out["frontier"] = fr
+        print((res / "frontier_sequential.md").read_text())
     if out["study"]:
         head = ["# The paper's claims at this budget", "",
                 "Built by `python -m badit_exp.study report` from the study's pairs "
