@@ -24,3 +24,11 @@ python3 benchmarks/step_time.py --model tiny-llama --data "$SUPERNI_ROOT" --cach
   --override model.tiny.num_key_value_heads=8 --override model.tiny.head_dim=128 \
   --override model.dtype=bfloat16 > "$OUT/bench_gpu.json" 2> "$OUT/bench_gpu.err" || tail -20 "$OUT/bench_gpu.err"
 python3 -c "import json; d=json.load(open('$OUT/bench_gpu.json')); d.pop('provenance'); print(json.dumps(d, indent=1))"
+# the step at the paper's per-device batch 1 (issue 27): the floor behind `study plan`'s GPU-hours
+# estimate (estimate.step_floor_s in conf/study/study_gpu_qwen3_4b.yaml, now an assumption)
+python3 benchmarks/step_time.py --model tiny-llama --data "$SUPERNI_ROOT" --cache "$BADIT_CACHE_DIR" \
+  --batch-size 1 --seq-len 512 --steps 20 --rounds 2 --steps-per-epoch 30 --only lora,loramoe,badit \
+  --override model.tiny.hidden_size=2048 --override model.tiny.intermediate_size=5632 \
+  --override model.tiny.num_hidden_layers=8 --override model.tiny.num_attention_heads=16 \
+  --override model.tiny.num_key_value_heads=8 --override model.tiny.head_dim=128 \
+  --override model.dtype=bfloat16 > "$OUT/bench_gpu_batch1.json" 2> "$OUT/bench_gpu_batch1.err" || tail -20 "$OUT/bench_gpu_batch1.err"
