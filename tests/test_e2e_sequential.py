@@ -60,26 +60,20 @@ def test_bad_custom_orders(tmp_path, order, err):
 
 
 def test_single_then_sequential_gives_forward(tmp_path):
-    single = run_tiny(tmp_path / "single", tiny_overrides(tmp_path, extra=["training_mode=single", "trainer.epochs=1"]))
+    # the intermediate cap never applies in single mode: each stage's evaluation is its task's
+    # only, final score a_{t,0}, on the full sample (issue 26)
+    single = run_tiny(tmp_path / "single", tiny_overrides(tmp_path, extra=[
+        "training_mode=single", "trainer.epochs=1", "data.max_eval_per_task_intermediate=1"]))
     assert set(single["single_scores"]) == set(TASKS3)
+    for t in TASKS3:
+        assert len((tmp_path / "single" / "predictions" / f"{t}.jsonl").read_text()
+                   .splitlines()) == 2, t
     seq = run_tiny(tmp_path / "seq", tiny_overrides(tmp_path, extra=SEQ))
     assert seq["forward"] is not None
     assert seq["single_results_source"].endswith("single/metrics.json")
     A = seq["matrix"]["summary"]
     exp = sum(A[t][t] - single["single_scores"][task] for t, task in enumerate(seq["tasks"])) / 3
     assert seq["forward"] == pytest.approx(exp)
-
-
-def test_single_mode_scores_every_task_on_the_full_sample(tmp_path):
-    """Issue 26: each single-mode evaluation is its task's final a_{t,0}, so the intermediate
-    cap (the study's 3 per task) never applies; every task scores all its evaluation examples."""
-    m = run_tiny(tmp_path / "single", tiny_overrides(tmp_path, extra=[
-        "training_mode=single", "trainer.epochs=1", "data.max_eval_per_task=3",
-        "data.max_eval_per_task_intermediate=1"]))
-    for t in TASKS3:
-        rows = (tmp_path / "single" / "predictions" / f"{t}.jsonl").read_text().splitlines()
-        assert len(rows) == 3, t
-    assert set(m["single_scores"]) == set(TASKS3)
 
 
 class Crash(RuntimeError):

@@ -127,6 +127,7 @@ def test_a_preempted_run_is_requeued_and_resumes_from_its_checkpoint(tmp_path):
     assert X.JobRecord.load(tmp_path / "out" / "jobs" / f"{spec.id}.json").attempt == 1
 
 
+@SLOW  # two runs through submitit (about 20 s on 2 idle cores)
 def test_a_failing_run_is_retried_a_bounded_number_of_times_then_reported(tmp_path, capfd):
     study = OmegaConf.load(_study(tmp_path, overrides=["method.rank=-3"]))  # invalid: exits 2
     pool = S.Pool(study)

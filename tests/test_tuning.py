@@ -335,19 +335,6 @@ def test_sequential_report_pairs_forget_and_backward_over_seed_and_task(tmp_path
     assert M.forget_terms(A) == [30 - 25, 20 - 18] and M.backward_terms(A) == [15, -2, 0]
 
 
-def test_sequential_intermediate_evaluations_use_fewer_examples(tmp_path):
-    ov = tiny_overrides(tmp_path / "o", extra=["training_mode=sequential", "trainer.epochs=1",
-                                               "data.max_eval_per_task_intermediate=1"])
-    m = run_tiny(tmp_path / "run", ov)
-    pred = tmp_path / "run" / "predictions"
-    stages = sorted(p for p in pred.iterdir() if p.is_dir())
-    assert len(stages) == 3 and len(m["matrix"]["summary"]) == 3
-    for s in stages[:-1]:
-        assert all(len(f.read_text().splitlines()) == 1 for f in s.glob("*.jsonl"))
-    assert all(len(f.read_text().splitlines()) == 2 for f in stages[-1].glob("*.jsonl"))
-    assert all(len(f.read_text().splitlines()) == 2 for f in pred.glob("*.jsonl"))
-
-
 def test_intermediate_rows_score_the_loss_on_a_larger_sample_and_the_matrix_keeps_it(tmp_path):
     """Issue 26 item 5: with data.loss_eval_per_task_intermediate the rows before the last
     generate for 1 example per task but score the teacher-forced loss on 2; metrics.json keeps
@@ -360,11 +347,19 @@ def test_intermediate_rows_score_the_loss_on_a_larger_sample_and_the_matrix_keep
         "training_mode=sequential", "trainer.epochs=1", "data.max_eval_per_task_intermediate=1",
         "data.loss_eval_per_task_intermediate=2"])
     m = run_tiny(tmp_path / "run", ov)
+    # the rows before the last generate for 1 example per task, the final row for all (2)
+    pred = tmp_path / "run" / "predictions"
+    stages = sorted(p for p in pred.iterdir() if p.is_dir())
+    assert len(stages) == 3 and len(m["matrix"]["summary"]) == 3
+    for s in stages[:-1]:
+        assert all(len(f.read_text().splitlines()) == 1 for f in s.glob("*.jsonl")
+                   if not f.name.endswith(".losses.jsonl"))
+    assert all(len(f.read_text().splitlines()) == 2 for f in stages[-1].glob("*.jsonl"))
+    assert all(len(f.read_text().splitlines()) == 2 for f in pred.glob("*.jsonl"))
     L, n = m["matrix"]["loss"], m["matrix"]["loss_examples"]
     assert len(L) == 3 and all(len(r) == 3 for r in L)
     assert n[0] == [2, 2, 2] and n[1] == [2, 2, 2] and n[2] == [None] * 3  # final: all, as ever
-    pred = tmp_path / "run" / "predictions"
-    first = sorted(p for p in pred.iterdir() if p.is_dir())[0]
+    first = stages[0]
     for f in first.glob("*.losses.jsonl"):
         rows = [json.loads(x) for x in f.read_text().splitlines()]
         gen = [json.loads(x) for x in (first / f.name.replace(".losses", "")).read_text()
