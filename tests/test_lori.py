@@ -95,6 +95,7 @@ def test_the_two_run_form_masks_from_the_first_step(tmp_path, stage_states, supe
         assert torch.equal(B * (1 - saved[n]), torch.zeros_like(B))
 
 
+@pytest.mark.slow  # the CLI path is in the fast suite once (test_e2e_mixed); the method table covers LoRI
 def test_the_issue_cli_run(tmp_path):
     m = run_cli(tmp_path / "r", "lori")
     assert m["method_variant"]["sparsity"] == 0.9

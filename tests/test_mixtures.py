@@ -134,7 +134,7 @@ def test_mola_experts_grow_with_depth():
         _build("mola", "method.experts_by_depth=[]", "method.experts_per_layer=[3,5,7]")
 
 
-@pytest.mark.parametrize("method", [slow_unless(False, "hydralora"), "hydralora_k8",
+@pytest.mark.parametrize("method", [slow_unless(False, "hydralora"), slow_unless(False, "hydralora_k8"),
                                     slow_unless(False, "mola"), slow_unless(False, "mixlora")])
 def test_the_issue_cli_run_writes_metrics(tmp_path, method):
     d = tmp_path / "r"

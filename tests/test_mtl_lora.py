@@ -85,6 +85,7 @@ def test_sequential_resets_the_new_task_and_can_freeze_the_past(tmp_path, monkey
     assert states[1]["_mtl_trained"].tolist() == [True, True]
 
 
+@pytest.mark.slow  # the CLI path is in the fast suite once (test_e2e_mixed); the method table covers MTL-LoRA
 def test_the_issue_cli_runs(tmp_path):
     assert run_cli(tmp_path / "mixed", "mtl_lora")["method_variant"]["task_id"]
 

@@ -111,6 +111,7 @@ def test_as_described_is_nonzero_after_step_0_and_the_balance_is_cv2():
     torch.testing.assert_close(total, want)
 
 
+@pytest.mark.slow  # the CLI path is in the fast suite once (test_e2e_mixed); the method table covers mtLoRA
 def test_the_issue_cli_run(tmp_path):
     d = tmp_path / "r"
     m = run_cli(d, "mtlora", ["method.group_size=32"])

@@ -250,7 +250,7 @@ def test_config_errors():
         load(["method=smora", "method.rank_partition=3"])
 
 
-@pytest.mark.parametrize("method", [slow_unless(False, "flylora"), "flylora_k8",
+@pytest.mark.parametrize("method", [slow_unless(False, "flylora"), slow_unless(False, "flylora_k8"),
                                     slow_unless(False, "smora"), slow_unless(False, "smora_k8")])
 def test_issue_cli_run(method, tmp_path):
     m = run_cli(tmp_path / "run", method)
