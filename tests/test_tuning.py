@@ -512,3 +512,26 @@ def test_a_committed_run_lacking_what_the_study_requires_is_run_again(tmp_path):
     m["matrix"]["loss"] = [[1.0] * 3] * 3
     p.write_text(json.dumps(m))
     assert S.finished(study, seq)["matrix"]["loss"]
+
+
+def test_claims_table_verdicts():
+    """Issue 26 item 7: supported / contradicted only with an interval excluding 0 and two or
+    more seeds agreeing; Forget's claim is a lower value; unresolved rows say what they need."""
+    from badit_exp.study_report import claims_table
+
+    study = {"mixed": {"pairs": {
+        "badit-lora_r32": {"rougeL": [2.0, 1.0, 3.0], "per_seed": [1.5, 2.5]},
+        "lora-badit": {"rougeL": [-0.2, -1.5, 1.1], "per_seed": [-1.0, 0.6]},
+        "loramoe-badit": {"rougeL": [0.5, 0.1, 0.9], "per_seed": [0.5],
+                          "forward": {"diff": [3.0, 1.0, 5.0], "per_seed": [3.0]}}}},
+        "sequential": {"pairs": {"badit-lora_r32": {
+            "rougeL": [0.0, -1.0, 1.0], "per_seed": [0.1, -0.1],
+            "forget": {"diff": [2.0, 1.0, 3.0], "per_seed": [2.0, 2.0]}}}}}
+    rows = {r.split(" | ")[1]: r for r in claims_table(study)[2:]}
+    assert rows["BADIT scores above LoRA at equal size (rank 32)"].endswith("| supported |")
+    assert "unresolved: the interval" in rows["BADIT scores above LoRA (rank 4, the paper's baseline)"]
+    assert "ROUGE-L +0.20 [-1.10, +1.50]" in rows["BADIT scores above LoRA (rank 4, the paper's baseline)"]
+    assert "one seed so far" in rows["BADIT interferes less than LoRAMoE (Forward)"]
+    assert "Forward -3.00 [-5.00, -1.00]" in rows["BADIT interferes less than LoRAMoE (Forward)"]
+    assert rows["BADIT forgets less than LoRA (rank 32)"].endswith("| contradicted |")
+    assert "not measured yet" in rows["DOG helps (BADIT vs BADIT without DOG)"]

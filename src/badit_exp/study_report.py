@@ -636,6 +636,11 @@ def claims_table(study_out: Dict) -> List[str]:
             continue
         d, lo, hi, per = got
         verdict = T.seed_verdict(lo, hi, per)
+        if len(per) < 2:  # one seed says nothing of the spread over seeds
+            rows.append(f"| {mode} | {claim} | {name} {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                        + ", ".join(f"{z:+.2f}" for z in per)
+                        + " | unresolved: one seed so far (a verdict needs two or more) |")
+            continue
         if verdict.startswith("measurably"):
             ok = (d > 0) == (better > 0)
             verdict = "supported" if ok else "contradicted"
