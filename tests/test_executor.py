@@ -157,6 +157,22 @@ print("Submitted batch job 4242")
 """
 
 
+def test_a_controller_attaches_only_to_the_runs_of_its_own_selection(tmp_path):
+    """Two controllers over one study (``all --mode sequential --methods gainlora`` beside
+    ``run --mode mixed --methods lora``): each attaches to the recorded jobs of its own selection
+    only, never waiting on (or collecting) the other's."""
+    st = S.load_study(str(_study(tmp_path)))
+    jobs = Path(st.output_dir) / "jobs"
+    ids = ["holdout-sequential-gainlora-lr1e-3-seed1", "test-single-lora-lr1e-3-seed1",
+           "test-mixed-lora-lr1e-3-seed1", "test-mixed-lora_r32-lr1e-3-seed1"]
+    for i in ids:  # jobs in flight (this process stands in for their pid)
+        X.JobRecord(i, "local", str(os.getpid()), str(tmp_path / "sub"), "log").save(jobs)
+    mine = S.Pool(st, scope=S.selection("mixed", ["lora"]))
+    assert sorted(sp.id for sp in mine.running) == ["test-mixed-lora-lr1e-3-seed1",
+                                                     "test-single-lora-lr1e-3-seed1"]
+    assert sorted(sp.id for sp in S.Pool(st).running) == sorted(ids)  # no scope: every job
+
+
 def test_slurm_submission_carries_resources_command_and_requeue(tmp_path, monkeypatch):
     """What submitit would hand to SLURM, recorded by a fake ``sbatch`` on PATH: the study's
     resources (nodes, one task per GPU, CPUs, memory, time, partition / account / qos, extra

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
@@ -130,10 +130,16 @@ class Pool:
     Jobs are recorded in ``<output_dir>/jobs/``: a new controller attaches to the ones still
     running instead of starting them again, and collects the ones that finished while no
     controller watched. A failed run is started again at most ``executor.retries`` times, then
-    reported with its job id and log and left failed (``study status`` lists it)."""
+    reported with its job id and log and left failed (``study status`` lists it).
 
-    def __init__(self, study, dry_run: bool = False, executor: Optional[str] = None):
+    ``scope`` (a predicate on a run) is the controller's own selection: it attaches only to the
+    recorded jobs inside it, so two controllers over disjoint selections (``--mode`` /
+    ``--methods``) can share one study without either waiting on the other's runs."""
+
+    def __init__(self, study, dry_run: bool = False, executor: Optional[str] = None,
+                 scope: Optional[Callable[["RunSpec"], bool]] = None):
         self.study, self.dry = study, dry_run
+        self.scope = scope
         self.running: Dict[RunSpec, Tuple[object, float]] = {}
         self.failed: List[RunSpec] = []
         out = _path(study.output_dir)
@@ -171,6 +177,8 @@ class Pool:
         for rec in X.read_records(self.jobs_dir):
             self.records[rec.run_id] = rec
             sp = RunSpec.from_id(rec.run_id)
+            if sp is not None and self.scope is not None and not self.scope(sp):
+                continue  # another controller's run
             if rec.state != "submitted" or sp is None or finished(self.study, sp):
                 if rec.state == "failed" and sp is not None and not finished(self.study, sp) \
                         and rec.attempt > self.retries:
@@ -259,6 +267,13 @@ def write_choice_file(study) -> Dict[str, Dict[str, T.Choice]]:
     return by_mode
 
 
+def selection(mode: str, methods: Sequence[str]) -> Callable[[RunSpec], bool]:
+    """The runs a controller over ``mode`` and ``methods`` owns: theirs in that mode, and their
+    single-task runs (shared by both modes where the tuned rates agree)."""
+    ms = set(methods)
+    return lambda sp: sp.method in ms and sp.mode in (mode, "single")
+
+
 def tune(study, mode: str, methods: Sequence[str], dry_run: bool = False) -> int:
     """Run each method's grid, extend it while its best is at an edge, write the choices."""
     return tune_and_run(study, mode, methods, [], dry_run)
@@ -277,7 +292,7 @@ def tune_and_run(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
         raise SystemExit(f"no tuning grid for {unknown} in conf/study/{study.name}.yaml "
                          f"tune.grids.{mode}; add one (1-3-10 ladder around the expected rate).")
     seed = int(study.tune.seed)
-    pool = Pool(study, dry_run)
+    pool = Pool(study, dry_run, scope=selection(mode, methods))
     forward = forward_runs(study, mode)
     # interleave methods so every method's curve fills in early
     queue = [RunSpec("holdout", mode, m, float(grids[m][i]), seed)
@@ -373,7 +388,7 @@ def run_study(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
             "when its extensions are spent.")
     if edge:
         print(f"[study] WARNING: the rate of {edge} is at its grid's edge (--allow-edge)")
-    pool = Pool(study, dry_run)
+    pool = Pool(study, dry_run, scope=selection(mode, methods))
     queue = [RunSpec("test", mode, m, float(choices[m]["lr"]), int(s))
              for s in seeds for m in methods]
     if forward_runs(study, mode):  # the single-task runs Forward needs
