@@ -446,7 +446,7 @@ def test_tune_and_run_starts_a_methods_study_once_its_rate_is_settled(tmp_path, 
     log = []
 
     class FakePool:
-        def __init__(self, study, dry_run=False):
+        def __init__(self, study, dry_run=False, scope=None):
             self.study, self.running, self.failed = study, {}, []
 
         @property
