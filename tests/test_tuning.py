@@ -535,3 +535,36 @@ def test_claims_table_verdicts():
     assert "Forward -3.00 [-5.00, -1.00]" in rows["BADIT interferes less than LoRAMoE (Forward)"]
     assert rows["BADIT forgets less than LoRA (rank 32)"].endswith("| contradicted |")
     assert "not measured yet" in rows["DOG helps (BADIT vs BADIT without DOG)"]
+
+
+def _front_run(method: str, lr: float, rouge: float, forget: float, noise: float = 1.0) -> dict:
+    """A sequential hold-out run as ``load_runs`` gives it: per-example final scores around
+    ``rouge`` (3 tasks x 30 examples, the same ids for every run) and Forget units."""
+    rng = np.random.default_rng(int(lr * 1e6) + len(method))
+    units = {(1, f"t{t}", f"t{t}-{i}"): rouge + noise * rng.standard_normal()
+             for t in range(3) for i in range(30)}
+    return {"split": "holdout", "mode": "sequential", "method": method, "lr": lr,
+            "rouge": float(np.mean(list(units.values()))), "units": units,
+            "forget_units": {(1, f"t{t}"): forget for t in range(3)}, "loss_forget_units": {}}
+
+
+def test_frontier_statements_against_the_baselines_curve(tmp_path):
+    """Issue 26 item 5: a point is 'above' lora_r32's curve only when it scores more than the
+    curve at its Forget beyond the noise; one that forgets less than every curve point is
+    'above' only if it also beats the least-forgetting point, else 'outside'."""
+    from badit_exp.study_report import frontier_table
+
+    runs = [_front_run("lora_r32", 1e-4, 20.0, 10.0), _front_run("lora_r32", 1e-3, 24.0, 30.0),
+            _front_run("lora_r32", 3e-3, 15.0, 35.0),  # dominated: not on the curve
+            _front_run("good", 1e-4, 30.0, 20.0),      # curve at Forget 20: 22
+            _front_run("good", 1e-3, 26.0, 5.0),       # left of the curve, above its first point
+            _front_run("same", 1e-4, 22.0, 20.0, noise=0.1),
+            _front_run("weak", 1e-4, 10.0, 5.0), _front_run("weak", 1e-3, 12.0, 25.0)]
+    out = frontier_table(runs, tmp_path)
+    assert out["metric"] == "rougeL"  # no loss matrix in these runs
+    assert out["verdicts"] == {"good": ["above", "above"], "same": ["within the noise"],
+                               "weak": ["outside", "below"]}
+    md = (tmp_path / "frontier_sequential.md").read_text()
+    assert "- **good**: above lora_r32's curve beyond the noise (2 of 2 rates above)" in md
+    assert "- **weak**: below lora_r32's curve beyond the noise" in md
+    assert "{baseline}" not in md and (tmp_path / "frontier_sequential.png").stat().st_size > 0

@@ -523,14 +523,18 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
                 seg = sorted((p for p in base if not any(q[1] <= p[1] and q[2] > p[2]
                                                          for q in base if q is not p)),
                              key=lambda p: p[1])
+                gap, lo, hi = _gap_to_front(r, max(fg, seg[0][1]), seg)
                 if fg >= seg[0][1]:
-                    gap, lo, hi = _gap_to_front(r, fg, seg)
-                    note = (f"{gap:+.2f} [{lo:+.2f}, {hi:+.2f}] vs {baseline}: "
-                            + ("above" if lo > 0 else "below" if hi < 0
-                               else "within the noise"))
-                else:
-                    note = f"forgets less than any {baseline} point"
-                verdicts.setdefault(m, []).append(note.split(": ")[-1])
+                    verdict = "above" if lo > 0 else "below" if hi < 0 else "within the noise"
+                elif lo > 0:  # forgets less AND scores more than its least-forgetting point
+                    verdict = "above"
+                else:  # left of the curve: no baseline point forgets as little
+                    verdict = "outside"
+                note = f"{gap:+.2f} [{lo:+.2f}, {hi:+.2f}] vs {baseline}: " + (
+                    f"forgets less than any {baseline} point; not more final score than its "
+                    "least-forgetting one beyond the noise (left of its curve)" if verdict == "outside"
+                    else verdict)
+                verdicts.setdefault(m, []).append(verdict)
             chosen = choices.get(m).lr if choices and m in choices else None
             rows.append(f"| {m} | {T.fmt_lr(lr)}{' (chosen)' if chosen == lr else ''} | "
                         f"{rg:.2f} | {fg:+.3f} | {note} |")
@@ -539,17 +543,24 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
             "Forget (ROUGE-L) from rows of few hold-out examples (no loss matrix yet)")
     summary = []
     for m, v in verdicts.items():
-        n_above, n_below = v.count("above"), v.count("below")
+        n = {k: v.count(k) for k in ("above", "below", "within the noise", "outside")}
+        head = ("above" if n["above"] and not n["below"] else
+                "below" if n["below"] and not n["above"] else
+                "mixed" if n["above"] else "not beyond the noise of")
+        parts = [f"{c} of {len(v)} rates {k}" for k, c in n.items() if c]
         summary.append(f"- **{m}**: " + (
-            f"above {baseline}'s curve beyond the noise at {n_above} of {len(v)} rates"
-            if n_above and not n_below else
-            f"below {baseline}'s curve beyond the noise at {n_below} of {len(v)} rates"
-            if n_below and not n_above else
-            f"not beyond the noise of {baseline}'s curve ({', '.join(v)})"))
+            f"{head} {baseline}'s curve beyond the noise" if head in ("above", "below") else
+            f"above {baseline}'s curve at some rates, below at others" if head == "mixed" else
+            f"not beyond the noise of {baseline}'s curve") + f" ({'; '.join(parts)})")
+    if any("outside" in v for v in verdicts.values()):
+        summary.append(f"\n'outside': the point forgets less than every point of {baseline}'s "
+                       "curve, and does not score more than its least-forgetting one beyond the "
+                       "noise: a trade-off the curve does not reach, so no comparison at equal "
+                       "forgetting.")
     lines = ["# Plasticity against forgetting, sequential tuning runs (hold-out of train.json)",
              "", f"Per method and rate (seed 1, Table-5 order 1): final hold-out ROUGE-L against "
              f"{what}. A point above {baseline}'s curve keeps more final score at equal "
-             "forgetting ({baseline}'s frontier: its undominated points joined linearly, flat "
+             f"forgetting ({baseline}'s frontier: its undominated points joined linearly, flat "
              "beyond the last); the interval is a paired 95% bootstrap over the same hold-out "
              "examples (the method's point against the frontier's two points around its Forget, "
              "mixed as the interpolation mixes them); Forget's own noise is not in it.", "",
