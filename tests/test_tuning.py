@@ -568,3 +568,25 @@ def test_frontier_statements_against_the_baselines_curve(tmp_path):
     assert "- **good**: above lora_r32's curve beyond the noise (2 of 2 rates above)" in md
     assert "- **weak**: below lora_r32's curve beyond the noise" in md
     assert "{baseline}" not in md and (tmp_path / "frontier_sequential.png").stat().st_size > 0
+
+
+def test_status_estimates_the_runs_left_from_the_committed_runs_timings(tmp_path, capsys):
+    """Issue 26 item 8: `study status` says how many process-hours the runs left need, each run
+    priced by the committed runs of its kind (split, mode) and method (90 s here), else of its
+    kind."""
+    from badit_exp import study as S
+
+    _fake_run(tmp_path, "holdout", "mixed", "lora", 1e-3, 1, [10.0] * 6, 2.0)
+    _fake_run(tmp_path, "holdout", "mixed", "lora", 3e-3, 1, [20.0] * 6, 2.0)
+    study = OmegaConf.create({
+        "name": "t", "results_dir": str(tmp_path), "output_dir": str(tmp_path / "out"),
+        "workers": 2, "tune": {"seed": 1, "grids": {"mixed": {"lora": [1e-3, 3e-3, 1e-2],
+                                                              "badit": [1e-4]}}},
+        "study": {"mixed": {"methods": ["lora", "badit"], "seeds": [1], "forward": False}}})
+    rows = {r["run"]: r for r in S.status(study, ["mixed"])}
+    assert rows["holdout-mixed-lora-lr1e-3-seed1"]["est_min"] == ""  # finished
+    assert rows["holdout-mixed-lora-lr1e-2-seed1"]["est_min"] == "2"  # 1.5 min, its own kind
+    assert rows["holdout-mixed-badit-lr1e-4-seed1"]["est_min"] == "2"  # the kind's mean
+    assert rows["test-mixed-lora-lr3e-3-seed1"]["est_min"] == ""  # no committed test run
+    out = capsys.readouterr().out
+    assert "left: 4 runs, about 0.1 process-hours" in out and "2 runs of a kind" in out

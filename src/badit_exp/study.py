@@ -583,15 +583,49 @@ def status(study, modes: Sequence[str], executor: Optional[str] = None) -> List[
                                     "controller collects it when it runs)")
             rows.append(row)
     counts: Dict[str, int] = {}
+    cost = run_costs(study)
+    left = 0.0
     for r in rows:
         k = r["state"].split(" ")[0].split(":")[0]
         counts[k] = counts.get(k, 0) + 1
-    head = ["run", "state", "lr", "seed", "job", "log"]
+        kind = r["run"].split("-")[:2]
+        est = cost.get((*kind, r["method"])) or cost.get(tuple(kind))
+        r["est_min"] = "" if est is None or k == "finished" else f"{est:.0f}"
+        left += (est or 0.0) if k != "finished" else 0.0
+    head = ["run", "state", "lr", "seed", "est_min", "job", "log"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in head) + " |")
     print("\n" + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" ({len(rows)} runs)")
+    n_left = len(rows) - counts.get("finished", 0)
+    unknown = sum(1 for r in rows if r["state"] != "finished" and not r["est_min"])
+    if n_left:
+        workers = int(study.workers)
+        print(f"left: {n_left} runs, about {left / 60:.1f} process-hours ({left / 60 / workers:.1f} "
+              f"h of wall time at {workers} runs at a time), each run estimated by the committed "
+              "runs' training + evaluation time of the same kind (split, mode) and method, else "
+              "of the same kind" + (f"; {unknown} runs of a kind with no committed run are not "
+                                    "counted" if unknown else "")
+              + "; grid extensions of a rate at an edge are not counted")
     return rows
+
+
+def run_costs(study) -> Dict[Tuple, float]:
+    """Minutes of training + evaluation per committed run, averaged by (split, mode, method)
+    and by (split, mode): what ``status`` estimates the runs left with."""
+    acc: Dict[Tuple, List[float]] = {}
+    for m in sorted((_path(study.results_dir) / "runs").glob("*/metrics.json")):
+        sp = RunSpec.from_id(m.parent.name)
+        if sp is None:
+            continue
+        try:
+            timing = json.loads(m.read_text()).get("timing") or {}
+        except (OSError, ValueError):
+            continue
+        mins = sum(t.get("train_s", 0) + t.get("eval_s", 0) for t in timing.values()) / 60
+        for key in ((sp.split, sp.mode, sp.method), (sp.split, sp.mode)):
+            acc.setdefault(key, []).append(mins)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
