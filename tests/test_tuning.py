@@ -341,7 +341,7 @@ def test_intermediate_rows_score_the_loss_on_a_larger_sample_and_the_matrix_keep
     the loss matrix, the study's run files keep every row's examples, and the loss-based
     Forget / Backward terms follow SPEC section 3's shape."""
     from badit_exp import metrics as M
-    from badit_exp.study_report import _loss_cl_units, collect
+    from badit_exp.study_report import collect, load_runs
 
     ov = tiny_overrides(tmp_path / "o", extra=[
         "training_mode=sequential", "trainer.epochs=1", "data.max_eval_per_task_intermediate=1",
@@ -367,11 +367,12 @@ def test_intermediate_rows_score_the_loss_on_a_larger_sample_and_the_matrix_keep
         assert len(rows) == 1 and len(gen) == 1
         t = f.name.split(".")[0]
         assert L[0][m["tasks"].index(t)] == pytest.approx((rows[0]["loss"] + gen[0]["loss"]) / 2)
-    collect(tmp_path / "run", tmp_path / "res")
-    rows = [json.loads(x) for x in (tmp_path / "res" / "rows.jsonl").read_text().splitlines()]
+    collect(tmp_path / "run", tmp_path / "res" / "runs" / "r")
+    rows = [json.loads(x) for x in
+            (tmp_path / "res" / "runs" / "r" / "rows.jsonl").read_text().splitlines()]
     assert sum(r["row"] == 0 for r in rows) == 6  # 3 tasks x (1 generated + 1 loss-only)
-    fg, bw = _loss_cl_units(dict(m, seed=1))
-    assert list(fg.values()) == pytest.approx(M.loss_forget_terms(L))
+    run = load_runs(tmp_path / "res")[0]  # the final row scores the same 2 ids as the others
+    assert list(run["loss_forget_units"].values()) == pytest.approx(M.loss_forget_terms(L))
     H = [[1.0, 3.0, 3.0], [1.5, 0.5, 3.0], [2.0, 0.8, 0.4]]
     assert M.loss_forget_terms(H) == pytest.approx([2.0 - 1.0, 0.8 - 0.5])
     assert M.loss_backward_terms(H) == pytest.approx([1.0 - 2.0, 0.5 - 0.8, 0.0])
@@ -590,3 +591,26 @@ def test_status_estimates_the_runs_left_from_the_committed_runs_timings(tmp_path
     assert rows["test-mixed-lora-lr3e-3-seed1"]["est_min"] == ""  # no committed test run
     out = capsys.readouterr().out
     assert "left: 4 runs, about 0.1 process-hours" in out and "2 runs of a kind" in out
+
+
+def test_the_loss_matrix_compares_every_row_on_the_same_examples():
+    """Issue 26 item 5: the rows before the last score the loss on the first k examples of a
+    task, the final row on all of them; loss-based Forget / Backward read the final row's mean
+    over those same k ids (from the per-example losses), not its mean over every example."""
+    from badit_exp import study_report as R
+
+    tasks = ["a", "b"]
+    loss_units = {(1, "a", "a0"): 1.0, (1, "a", "a1"): 3.0, (1, "a", "a2"): 8.0,
+                  (1, "b", "b0"): 2.0, (1, "b", "b1"): 2.0}
+    met = {"mode": "sequential", "seed": 1, "tasks": tasks, "loss_units": loss_units,
+           "config": {"data": {"max_eval_per_task_intermediate": 1}},
+           "matrix": {"loss": [[1.5, 2.5], [4.0, 2.0]],  # final row: a over a0..a2
+                      "loss_examples": [[2, 2], [None, None]]}}
+    L = R.matched_loss_matrix(met)
+    assert L[-1] == [2.0, 2.0]  # a: mean over a0, a1 (the rows' sample of 2), b: the last task
+    assert L[0] == [1.5, 2.5]
+    fg, bw = R._loss_cl_units(met)
+    assert fg == {(1, "a"): pytest.approx(0.5)}  # 2.0 - 1.5: forgot half a nat on a0, a1
+    assert bw[(1, "a")] == pytest.approx(-0.5) and bw[(1, "b")] == 0.0
+    met["matrix"]["loss_examples"] = [[None, None], [None, None]]  # the rows' generated count
+    assert R.matched_loss_matrix(met)[-1][0] == 1.0  # a0 only
