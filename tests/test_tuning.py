@@ -592,25 +592,3 @@ def test_status_estimates_the_runs_left_from_the_committed_runs_timings(tmp_path
     out = capsys.readouterr().out
     assert "left: 4 runs, about 0.1 process-hours" in out and "2 runs of a kind" in out
 
-
-def test_the_loss_matrix_compares_every_row_on_the_same_examples():
-    """Issue 26 item 5: the rows before the last score the loss on the first k examples of a
-    task, the final row on all of them; loss-based Forget / Backward read the final row's mean
-    over those same k ids (from the per-example losses), not its mean over every example."""
-    from badit_exp import study_report as R
-
-    tasks = ["a", "b"]
-    loss_units = {(1, "a", "a0"): 1.0, (1, "a", "a1"): 3.0, (1, "a", "a2"): 8.0,
-                  (1, "b", "b0"): 2.0, (1, "b", "b1"): 2.0}
-    met = {"mode": "sequential", "seed": 1, "tasks": tasks, "loss_units": loss_units,
-           "config": {"data": {"max_eval_per_task_intermediate": 1}},
-           "matrix": {"loss": [[1.5, 2.5], [4.0, 2.0]],  # final row: a over a0..a2
-                      "loss_examples": [[2, 2], [None, None]]}}
-    L = R.matched_loss_matrix(met)
-    assert L[-1] == [2.0, 2.0]  # a: mean over a0, a1 (the rows' sample of 2), b: the last task
-    assert L[0] == [1.5, 2.5]
-    fg, bw = R._loss_cl_units(met)
-    assert fg == {(1, "a"): pytest.approx(0.5)}  # 2.0 - 1.5: forgot half a nat on a0, a1
-    assert bw[(1, "a")] == pytest.approx(-0.5) and bw[(1, "b")] == 0.0
-    met["matrix"]["loss_examples"] = [[None, None], [None, None]]  # the rows' generated count
-    assert R.matched_loss_matrix(met)[-1][0] == 1.0  # a0 only

@@ -148,37 +148,11 @@ def _cl_units(met: Dict) -> Tuple[Dict, Dict]:
     return fg, bw
 
 
-def matched_loss_matrix(met: Dict) -> Optional[List[List[float]]]:
-    """A sequential run's loss matrix with every row on the same examples: the rows before the
-    last score the loss on the first k examples of each task (k: the row's loss sample,
-    ``matrix.loss_examples``, else ``data.max_eval_per_task_intermediate``), the final row on all
-    of them; here the final row's entry of a task trained before the last is its mean over those
-    first k ids (its per-example losses in ``examples.jsonl``), so a loss difference between
-    rows measures the model, not which examples were drawn. None without a loss matrix."""
-    L = (met.get("matrix") or {}).get("loss")
-    if not L or len(L) < 2:
-        return None
-    L = [list(row) for row in L]
-    tasks, sd = met["tasks"], met["seed"]
-    counts = (met.get("matrix") or {}).get("loss_examples") or [[None] * len(tasks)]
-    k0 = (met["config"].get("data") or {}).get("max_eval_per_task_intermediate")
-    ids: Dict[str, List[str]] = {}
-    for (_, task, i) in met["loss_units"]:  # examples.jsonl's order
-        ids.setdefault(task, []).append(i)
-    for t, task in enumerate(tasks[:-1]):
-        k = counts[0][t] or k0
-        mine = ids.get(task, [])[:k] if k else []
-        if mine and len(mine) == k:
-            L[-1][t] = float(np.mean([met["loss_units"][(sd, task, i)] for i in mine]))
-    return L
-
-
 def _loss_cl_units(met: Dict) -> Tuple[Dict, Dict]:
     """The loss-matrix counterparts of :func:`_cl_units` (``metrics.loss_forget_terms`` /
-    ``loss_backward_terms``) on :func:`matched_loss_matrix` (every row on the same examples);
-    empty for runs without a loss matrix (older runs)."""
-    L = matched_loss_matrix(met) if met.get("mode") == "sequential" else None
-    if not L:
+    ``loss_backward_terms``); empty for runs without a loss matrix (older runs)."""
+    L = (met.get("matrix") or {}).get("loss")
+    if met.get("mode") != "sequential" or not L or len(L) < 2:
         return {}, {}
     tasks = met["tasks"]
     fg = {(met["seed"], tasks[t]): v for t, v in enumerate(M.loss_forget_terms(L))}
@@ -442,10 +416,9 @@ def _loss_verdict(cl: Dict) -> str:
 
 CL_DEFS = {"forward": "Forward: a task's a_{t,t} minus its single-task score on the same examples",
            "loss_forget": "Forget (loss): a task's final teacher-forced target loss minus its "
-                          "lowest over the rows before the last, nats, every row on the same "
-                          "examples (the rows' loss sample)",
+                          "lowest over the rows before the last, nats",
            "loss_backward": "Backward (loss): a task's loss right after it was trained minus "
-                            "its final loss, nats, on the same examples",
+                            "its final loss, nats",
            "forget": "Forget: a task's max ROUGE-L over the rows before the last minus its final "
                      "ROUGE-L",
            "backward": "Backward: its final ROUGE-L minus its ROUGE-L right after it was trained"}
@@ -565,8 +538,9 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
             chosen = choices.get(m).lr if choices and m in choices else None
             rows.append(f"| {m} | {T.fmt_lr(lr)}{' (chosen)' if chosen == lr else ''} | "
                         f"{rg:.2f} | {fg:+.3f} | {note} |")
-    what = ("Forget (loss): mean over t < T of l_{T,t} − min_{i<T} l_{i,t}, nats, every row on "
-            "the same hold-out examples (the rows' loss sample)" if use_loss else
+    what = ("Forget (loss): mean over t < T of l_{T,t} − min_{i<T} l_{i,t}, nats (the rows "
+            "before the last on their loss sample, the final row on every hold-out example)"
+            if use_loss else
             "Forget (ROUGE-L) from rows of few hold-out examples (no loss matrix yet)")
     summary = []
     for m, v in verdicts.items():
