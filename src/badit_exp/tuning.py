@@ -190,7 +190,8 @@ def task_weights(keys: Sequence[Tuple]) -> np.ndarray:
 def seed_verdict(low: float, high: float, per_seed: Sequence[float]) -> str:
     """SPEC 9.3 plus the house rule that a difference inside the spread over seeds is no
     difference: "measurably higher/lower" only when the interval excludes 0 and, with two or
-    more seeds, every seed's difference has the interval's sign."""
+    more seeds, every seed's difference has the interval's sign; on one seed the verdict says
+    so (the spread over seeds is unknown)."""
     if not measurable(low, high):
         return "no measurable difference"
     sign = 1 if low > 0 else -1
@@ -198,7 +199,10 @@ def seed_verdict(low: float, high: float, per_seed: Sequence[float]) -> str:
         agree = sum(np.sign(x) == sign for x in per_seed)
         return (f"no measurable difference (interval excludes 0, but only {agree} of "
                 f"{len(per_seed)} seeds agree)")
-    return "measurably higher" if sign > 0 else "measurably lower"
+    word = "measurably higher" if sign > 0 else "measurably lower"
+    if len(per_seed) == 1:
+        return f"{word} on one seed (the spread over seeds is not known yet)"
+    return word
 
 
 def measurable(low: float, high: float) -> bool:
