@@ -180,31 +180,40 @@ def study_points(path: Path, rows, panels, title: str) -> None:
         rows: [(method, lr label, per-seed scores)] in display order.
         panels: [(x label, {method: ((diff, low, high), verdict)}, +1 if higher is better
             else -1)], e.g. ROUGE-L, Forget and Backward differences to one baseline; a verdict
-            "measurably higher/lower" colours the point.
+            "measurably higher/lower" colours the point. A list of such lists draws one line
+            of panels per baseline (the seeds panel repeated at the left of each).
     """
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5.5 + 4.5 * len(panels),
-                                                          0.5 * len(rows) + 1.8), sharey=True)
-    ax, bxs = axes[0], axes[1:]
+    lines = panels if panels and isinstance(panels[0], list) else [panels]
+    ncol = 1 + max(len(p) for p in lines)
+    fig, axes = plt.subplots(len(lines), ncol, figsize=(5.5 + 4.5 * (ncol - 1),
+                                                        (0.5 * len(rows) + 1.8) * len(lines)),
+                             sharey=True, squeeze=False)
     ys = np.arange(len(rows))[::-1]
-    for y, (method, _lr, vals) in zip(ys, rows):
-        v = np.asarray(vals, dtype=float)
-        ax.scatter(v, np.full(len(v), y), color="tab:blue", alpha=0.7, zorder=3)
-        sd = v.std(ddof=1) if len(v) > 1 else 0.0
-        ax.errorbar([v.mean()], [y], xerr=[sd], fmt="|", color="black", markersize=14,
-                    capsize=4, zorder=4)
-        for bx, (_label, pairs, sign) in zip(bxs, panels):
-            if method in pairs:
-                (d, lo, hi), verdict = pairs[method]
-                up = {"measurably higher": 1, "measurably lower": -1}.get(verdict, 0)
-                color = ("tab:gray" if up == 0 else "tab:green" if up == sign else "tab:red")
-                bx.errorbar([d], [y], xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=4)
-    ax.set_yticks(ys)
-    ax.set_yticklabels([f"{m} ({lr})" for m, lr, _ in rows])
-    ax.set_xlabel("test ROUGE-L (dots: seeds; bar: mean ± std)")
-    ax.grid(True, axis="x", alpha=0.3)
-    for bx, (label, _pairs, _sign) in zip(bxs, panels):
-        bx.axvline(0, color="black", lw=1)
-        bx.set_xlabel(label)
-        bx.grid(True, axis="x", alpha=0.3)
+    for line, row_axes in zip(lines, axes):
+        ax, bxs = row_axes[0], row_axes[1:]
+        for y, (method, _lr, vals) in zip(ys, rows):
+            v = np.asarray(vals, dtype=float)
+            ax.scatter(v, np.full(len(v), y), color="tab:blue", alpha=0.7, zorder=3)
+            sd = v.std(ddof=1) if len(v) > 1 else 0.0
+            ax.errorbar([v.mean()], [y], xerr=[sd], fmt="|", color="black", markersize=14,
+                        capsize=4, zorder=4)
+            for bx, (_label, pairs, sign) in zip(bxs, line):
+                if method in pairs:
+                    (d, lo, hi), verdict = pairs[method]
+                    up = {"measurably higher": 1, "measurably lower": -1}.get(verdict, 0)
+                    color = ("tab:gray" if up == 0 else "tab:green" if up == sign
+                             else "tab:red")
+                    bx.errorbar([d], [y], xerr=[[d - lo], [hi - d]], fmt="o", color=color,
+                                capsize=4)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([f"{m} ({lr})" for m, lr, _ in rows])
+        ax.set_xlabel("test ROUGE-L (dots: seeds; bar: mean ± std)")
+        ax.grid(True, axis="x", alpha=0.3)
+        for bx, (label, _pairs, _sign) in zip(bxs, line):
+            bx.axvline(0, color="black", lw=1)
+            bx.set_xlabel(label)
+            bx.grid(True, axis="x", alpha=0.3)
+        for bx in bxs[len(line):]:
+            bx.set_visible(False)
     fig.suptitle(title)
     _save(fig, path)

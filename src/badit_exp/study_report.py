@@ -389,18 +389,22 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                  "|---" * (1 + 3 * len(cl_metrics)) + "|", *cl_pairs, ""]),
              f"Runs: {len(mine)}, {_hours(mine):.1f} process-hours; machine: {_machine(mine)}."]
     atomic_write_text(out_dir / f"study_{mode}.md", "\n".join(lines) + "\n")
-    base = baselines[0] if baselines else None
-    panels = []
-    if base:
-        against = {k.rsplit("-" + base, 1)[0]: v for k, v in pair_data.items()
-                   if k.endswith("-" + base)}
-        panels.append((f"ROUGE-L − {base} (paired bootstrap 95% CI)",
-                       {m: (v["rougeL"], v["verdict"]) for m, v in against.items()}, 1))
-        for k, sign in (("forward", 1), ("forget", -1), ("backward", 1)):
-            cis = {m: (v[k]["diff"], v[k]["verdict"]) for m, v in against.items() if v.get(k)}
-            if cis:
-                panels.append((f"{k.capitalize()} − {base} (95% CI; "
-                               f"{'higher' if sign > 0 else 'lower'} is better)", cis, sign))
+    panels = []  # one line of panels per baseline (lora_r32, then badit), columns by metric
+    bases = [b for b in baselines if b in by]
+    against = {b: {k.rsplit("-" + b, 1)[0]: v for k, v in pair_data.items()
+                   if k.endswith("-" + b)} for b in bases}
+    cols = [k for k in ("forward", "forget", "backward")
+            if any(v.get(k) for b in bases for v in against[b].values())]
+    for base in bases:
+        line = [(f"ROUGE-L − {base} (paired bootstrap 95% CI)",
+                 {m: (v["rougeL"], v["verdict"]) for m, v in against[base].items()}, 1)]
+        for k in cols:
+            sign = -1 if k == "forget" else 1
+            line.append((f"{k.capitalize()} − {base} (95% CI; "
+                         f"{'higher' if sign > 0 else 'lower'} is better)",
+                         {m: (v[k]["diff"], v[k]["verdict"])
+                          for m, v in against[base].items() if v.get(k)}, sign))
+        panels.append(line)
     plotting.study_points(
         out_dir / f"study_{mode}.png",
         [(m, "/".join(T.fmt_lr(x) for x in data[m]["lr"]), data[m]["rouge"]) for m in order],
