@@ -555,9 +555,12 @@ def status(study, modes: Sequence[str], executor: Optional[str] = None) -> List[
     process table here), failed (with its job id, attempt and error), or queued; printed as a
     table and returned as rows."""
     jobs = {r.run_id: r for r in X.read_records(_path(study.output_dir) / "jobs")}
-    rows = []
+    rows, seen = [], set()
     for mode in modes:
         for sp, kind in planned_runs(study, mode):
+            if not kind.endswith("?") and sp.id in seen:
+                continue  # a single-task run both modes share (the same rate): listed once
+            seen.add(sp.id)
             rec = jobs.get(sp.id)
             row = {"run": sp.id if not kind.endswith("?") else f"{sp.split}-{sp.mode}-"
                    f"{sp.method}-lr?-seed{sp.seed}", "kind": kind.rstrip("?"), "mode": mode,
