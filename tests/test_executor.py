@@ -237,6 +237,7 @@ def test_study_help_lists_the_executor_and_status_and_plan():
     out = subprocess.run([sys.executable, "-m", "badit_exp.study", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=60).stdout
     assert "--executor {local,slurm}" in out and "status" in out and "plan" in out
+    assert "--workers" in out
 
 
 # ---------------------------------------------------------------------------- the GPU plan

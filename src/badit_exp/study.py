@@ -649,6 +649,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "submitit")
     ap.add_argument("--methods", default="", help="comma list (default: the study's)")
     ap.add_argument("--seeds", default="", help="comma list (run; default: the study's)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="runs at a time for this controller (default: the study's workers); "
+                         "two controllers over disjoint --mode/--methods selections, each with "
+                         "--workers 1, share a study")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--allow-edge", action="store_true",
                     help="run: accept a rate at its grid's edge (tuning extensions spent)")
@@ -656,6 +660,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     study = load_study(a.study)
     if a.executor:
         OmegaConf.update(study, "executor.name", a.executor, force_add=True)
+    if a.workers is not None:
+        if a.workers < 1:
+            raise SystemExit(f"--workers {a.workers}: give 1 or more runs at a time.")
+        OmegaConf.update(study, "workers", a.workers, force_add=True)
     try:
         X.resources(study.get("executor") or {},
                     OmegaConf.select(study, "executor.name", default="local"), int(study.get("threads") or 0))
