@@ -147,6 +147,26 @@ def test_a_failing_run_is_retried_a_bounded_number_of_times_then_reported(tmp_pa
     assert row["state"].startswith("failed (attempt 2)") and row["job"] == rec.job_id
 
 
+def test_a_killed_local_job_is_reported_in_words_not_by_submitits_log(tmp_path):
+    """A local job whose process is killed (a session's end, out of memory) leaves no result and
+    no Python error; its error stream holds only submitit's own INFO lines, which ``status`` and
+    the controller printed as the reason. Now the reason says what happened."""
+    ex = submitit.LocalExecutor(folder=str(tmp_path / "sub"))
+    job = ex.submit(time.sleep, 60)
+    deadline = time.time() + 30
+    while not job.paths.stderr.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(int(job.job_id), signal.SIGKILL)
+    while X.job_state(job) == "running" and time.time() < deadline:
+        time.sleep(0.2)
+    err = X.job_error(job)
+    assert "killed" in err and "resumes from its last checkpoint" in err
+    assert "submitit" not in err
+    ok = ex.submit(abs, -3)  # a job that returned has no error
+    ok.result()
+    assert X.job_error(ok) == ""
+
+
 FAKE_SBATCH = """#!/usr/bin/env python3
 import json, os, sys
 rec = os.environ["FAKE_SBATCH_RECORD"]

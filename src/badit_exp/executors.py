@@ -302,7 +302,14 @@ def job_state(job, rec: Optional[JobRecord] = None) -> str:
 
 
 def job_error(job) -> str:
-    """'' when the job's function returned, else the last line of its error."""
+    """'' when the job's function returned, else the last line of its error. A local job whose
+    process was killed (session end, out of memory, a signal) leaves no result file and no
+    Python error: it is said in words, since its error stream holds only submitit's own lines."""
+    import submitit
+
+    if isinstance(job, submitit.LocalJob) and not job.paths.result_pickle.exists():
+        return ("its process ended without a result (killed: session end, out of memory or a "
+                "signal); a retry resumes from its last checkpoint")
     try:
         job.result()
         return ""

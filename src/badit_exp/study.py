@@ -589,7 +589,7 @@ def status(study, modes: Sequence[str], executor: Optional[str] = None) -> List[
     cost = run_costs(study)
     left = 0.0
     for r in rows:
-        k = r["state"].split(" ")[0].split(":")[0]
+        k = re.split(r"[ ,:(]", r["state"], maxsplit=1)[0]
         counts[k] = counts.get(k, 0) + 1
         kind = r["run"].split("-")[:2]
         est = cost.get((*kind, r["method"])) or cost.get(tuple(kind))
