@@ -97,6 +97,7 @@ def _analyze(tmp_path, name, *extra):
     return tmp_path / name
 
 
+@pytest.mark.slow  # the same CLI, hooks and files as fisher's end-to-end test; its math is unit-tested
 def test_neurons_end_to_end(tmp_path):
     d = _analyze(tmp_path, "neurons")
     z = np.load(d / "neurons.npz")

@@ -258,8 +258,8 @@ def test_issue_cli_run(method, tmp_path):
     assert m["target_loss"]["step0"] == pytest.approx(m["target_loss"]["pretrained"])
 
 
-@pytest.mark.parametrize("method", [slow_unless(False, "flylora_k8"), "smora_k8",
-                                    slow_unless(False, "flylora"), slow_unless(False, "smora")])
+@pytest.mark.slow  # the sequential CLI is in test_e2e_sequential; these four runs, ~20 s each
+@pytest.mark.parametrize("method", ["flylora_k8", "smora_k8", "flylora", "smora"])
 def test_issue_cli_run_sequential(method, tmp_path):
     m = run_cli(tmp_path / "run", method, extra=["training_mode=sequential"])
     assert len(m["matrix"]["summary"]) == 3 and all(len(r) == 3 for r in m["matrix"]["summary"])

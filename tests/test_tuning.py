@@ -592,4 +592,8 @@ def test_status_estimates_the_runs_left_from_the_committed_runs_timings(tmp_path
     assert rows["test-mixed-lora-lr3e-3-seed1"]["est_min"] == ""  # no committed test run
     out = capsys.readouterr().out
     assert "left: 4 runs, about 0.1 process-hours" in out and "2 runs of a kind" in out
+    # --methods keeps those methods' runs (it was accepted and ignored)
+    only = S.status(study, ["mixed"], methods=["badit"])
+    assert {r["method"] for r in only} == {"badit"} and len(only) == 2
+    assert "left: 2 runs" in capsys.readouterr().out
 

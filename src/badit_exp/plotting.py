@@ -6,11 +6,24 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+class _Pyplot:
+    """``matplotlib.pyplot`` on the Agg backend, imported at the first figure: every command
+    imports this module, and matplotlib costs about half a second that a config error, a
+    ``--help`` or a status table should not pay."""
+
+    def __getattr__(self, name: str):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as pyplot
+
+        return getattr(pyplot, name)
+
+
+plt = _Pyplot()
 
 
 def _save(fig, path: Path) -> None:

@@ -549,15 +549,18 @@ def planned_runs(study, mode: str) -> List[Tuple[RunSpec, str]]:
     return out
 
 
-def status(study, modes: Sequence[str], executor: Optional[str] = None) -> List[Dict]:
+def status(study, modes: Sequence[str], executor: Optional[str] = None,
+           methods: Optional[Sequence[str]] = None) -> List[Dict]:
     """Each run of the study: finished (its files are in ``<results_dir>/runs/``), running /
     pending (a recorded job the executor still runs: submitit asks ``sacct`` on a cluster, the
     process table here), failed (with its job id, attempt and error), or queued; printed as a
-    table and returned as rows."""
+    table and returned as rows; ``methods`` keeps those methods' runs only."""
     jobs = {r.run_id: r for r in X.read_records(_path(study.output_dir) / "jobs")}
     rows, seen = [], set()
     for mode in modes:
         for sp, kind in planned_runs(study, mode):
+            if methods and sp.method not in methods:
+                continue
             if not kind.endswith("?") and sp.id in seen:
                 continue  # a single-task run both modes share (the same rate): listed once
             seen.add(sp.id)
@@ -674,7 +677,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     modes = [a.mode] if a.mode else [m for m in ("mixed", "sequential") if m in study.study]
     if a.action == "status":
-        status(study, modes)
+        status(study, modes, methods=a.methods.split(",") if a.methods else None)
         return 0
     if a.action == "plan":
         return plan(study, modes)

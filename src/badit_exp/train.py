@@ -24,7 +24,6 @@ from badit_exp.config import ConfigError
 from badit_exp.data.superni import DataError
 from badit_exp.metrics import METRIC_NAMES
 from badit_exp.training.checkpoint import CheckpointError
-from badit_exp.training.runner import Runner
 
 log = logging.getLogger("badit_exp")
 
@@ -48,6 +47,10 @@ def print_table(result: dict) -> None:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     typed = validate(cfg)
+    # imported once the config is valid: the runner pulls in transformers and peft (several
+    # seconds on a small machine), which a mistyped override should not wait for
+    from badit_exp.training.runner import Runner
+
     return Runner(typed, run_dir).run()
 
 

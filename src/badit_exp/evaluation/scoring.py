@@ -11,13 +11,15 @@ import string
 from functools import lru_cache
 from typing import Dict, Iterable, List, Sequence
 
-from rouge_score import rouge_scorer
-
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 @lru_cache(maxsize=1)
-def _scorer() -> rouge_scorer.RougeScorer:
+def _scorer():
+    # imported on first use: rouge_score imports nltk, which imports scikit-learn (about 1 s),
+    # a cost every command paid before it could even report a config error
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 

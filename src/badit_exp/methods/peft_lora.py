@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import LoraConfig, get_peft_model
-
 from badit_exp.config import ConfigError
 from badit_exp.methods.base import Method, MethodConfig
 from badit_exp.methods.registry import register
@@ -44,6 +42,10 @@ class PeftLora(Method):
         return model.merge_and_unload()  # PEFT's own
 
     def apply(self, model):
+        # imported here: peft costs a second or more at import, which every command (a config
+        # error, --help, study status) paid through the method registry
+        from peft import LoraConfig, get_peft_model
+
         c = self.cfg
         lcfg = LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
                           target_modules=list(c.target_modules), bias="none",
