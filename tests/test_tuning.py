@@ -525,7 +525,10 @@ def test_claims_table_verdicts():
         "badit-lora_r32": {"rougeL": [2.0, 1.0, 3.0], "per_seed": [1.5, 2.5]},
         "lora-badit": {"rougeL": [-0.2, -1.5, 1.1], "per_seed": [-1.0, 0.6]},
         "loramoe-badit": {"rougeL": [0.5, 0.1, 0.9], "per_seed": [0.5],
-                          "forward": {"diff": [3.0, 1.0, 5.0], "per_seed": [3.0]}}}},
+                          "forward": {"diff": [3.0, 1.0, 5.0], "per_seed": [3.0]}},
+        # the interval excludes 0, one seed of three goes the other way (measured: the
+        # claims table asked for "1x the units", which a wider study does not fix)
+        "badit_wo_dog-badit": {"rougeL": [3.2, 0.7, 6.5], "per_seed": [7.3, 4.0, -1.6]}}},
         "sequential": {"pairs": {"badit-lora_r32": {
             "rougeL": [0.0, -1.0, 1.0], "per_seed": [0.1, -0.1],
             "forget": {"diff": [2.0, 1.0, 3.0], "per_seed": [2.0, 2.0]}}}}}
@@ -536,7 +539,10 @@ def test_claims_table_verdicts():
     assert "one seed so far" in rows["BADIT interferes less than LoRAMoE (Forward)"]
     assert "Forward -3.00 [-5.00, -1.00]" in rows["BADIT interferes less than LoRAMoE (Forward)"]
     assert rows["BADIT forgets less than LoRA (rank 32)"].endswith("| contradicted |")
-    assert "not measured yet" in rows["DOG helps (BADIT vs BADIT without DOG)"]
+    dog = next(r for r in claims_table(study)[2:] if r.startswith("| mixed | DOG helps"))
+    assert "not measured yet" in rows["DOG helps (BADIT vs BADIT without DOG)"]  # sequential
+    assert "ROUGE-L -3.20 [-6.50, -0.70]" in dog
+    assert "interval excludes 0 but 1 of 3 seeds go the other way" in dog and "units" not in dog
 
 
 def _front_run(method: str, lr: float, rouge: float, forget: float, noise: float = 1.0) -> dict:

@@ -660,6 +660,11 @@ def claims_table(study_out: Dict) -> List[str]:
         if verdict.startswith("measurably"):
             ok = (d > 0) == (better > 0)
             verdict = "supported" if ok else "contradicted"
+        elif lo > 0 or hi < 0:  # the interval excludes 0, a seed goes the other way
+            agree = sum((z > 0) == (d > 0) for z in per)
+            verdict = (f"unresolved: the interval excludes 0 but {len(per) - agree} of "
+                       f"{len(per)} seeds go the other way; a verdict needs every seed's "
+                       "sign (more seeds decide it)")
         else:
             half = (hi - lo) / 2
             factor = (half / abs(d)) ** 2 if abs(d) > 1e-9 else float("inf")
