@@ -160,6 +160,13 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method):
     ref_rows = [r for r in _log_rows(tmp_path / "ref" / "train_log.jsonl", keys) if r["train/loss"] is not None]
     new_rows = [r for r in _log_rows(tmp_path / "crash" / "train_log.jsonl", keys) if r["train/loss"] is not None]
     assert new_rows == ref_rows
+    # the resumed stage reports its whole cost and losses, not the part after the restart
+    timing = [json.loads((tmp_path / d / "metrics.json").read_text())["timing"]
+              for d in ("ref", "crash")]
+    for stage, ref_t in timing[0].items():
+        got = timing[1][stage]
+        assert [got[k] for k in ("train_tokens", "first_loss", "last_loss")] == \
+            [ref_t[k] for k in ("train_tokens", "first_loss", "last_loss")], stage
     if method != "lora":
         keys = ["regroup", "step", "stage", "mean_objective_after", "mean_moved"]
         assert _log_rows(tmp_path / "crash" / "dog_log.jsonl", keys) == \

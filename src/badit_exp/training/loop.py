@@ -126,6 +126,7 @@ class StageTrainer:
                     else contextlib.nullcontext())
 
     def _setup_resume(self, resume: Optional[Dict]) -> None:
+        self._before: Dict = {}  # what the stage did before its checkpoint (seconds, tokens, losses)
         if resume is None:
             if self.rank > 0:  # different dropout masks on different shards; rank 0 keeps the
                 torch.manual_seed(self.seed * 1_000_003 + self.stage_index * 1_009  # 1-GPU stream
@@ -141,6 +142,10 @@ class StageTrainer:
         rngs = resume["rng"]
         set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         self.pos = Position(**resume["position"])
+        before = dict(resume.get("elapsed") or {})  # older checkpoints: none (timing restarts)
+        toks = before.get("tokens") or [0]
+        before["tokens"] = toks[self.rank] if self.rank < len(toks) else 0
+        self._before = before
 
     def setup(self, resume: Optional[Dict] = None) -> None:
         """Schedule, engine and (if given) the resumed state; the model in train mode. After it
@@ -153,8 +158,14 @@ class StageTrainer:
     def trainer_state(self) -> Dict:
         """What a checkpoint holds besides the adapter (every rank calls it: gathering ZeRO
         partitions is collective, so the engine state comes first)."""
+        t0 = getattr(self, "_t0", None)
         return {"engine": self.engine.state_dict(), "rng": D.all_gather_object(rng_state()),
-                "position": self.pos.__dict__.copy(), "world_size": self.world}
+                "position": self.pos.__dict__.copy(), "world_size": self.world,
+                # the stage's training time, tokens (per rank) and logged losses so far: a
+                # resumed stage reports its whole cost, not the part after the restart
+                "elapsed": {"seconds": time.perf_counter() - t0 if t0 is not None else 0.0,
+                            "tokens": D.all_gather_object(getattr(self, "_tokens", 0)),
+                            "losses": list(getattr(self, "logged_losses", []))}}
 
     # -- the step -----------------------------------------------------------------------------
     def train_step(self, micro_batches: List[Dict], *, epoch: int, last_of_epoch: bool) -> Dict:
@@ -220,9 +231,11 @@ class StageTrainer:
             return {"steps": 0, "tokens": 0, "seconds": 0.0, "first_loss": None,
                     "last_loss": None, "logged_losses": []}
         self.setup(resume)
-        self.logged_losses: List[float] = []
+        before = self._before
+        self.logged_losses: List[float] = list(before.get("losses", []))
         window = {"loss": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-        tokens_total, t0 = 0, time.perf_counter()
+        self._tokens = int(before.get("tokens", 0))
+        self._t0 = time.perf_counter() - float(before.get("seconds", 0.0))
         bar = tqdm(total=self.total_steps, initial=self.pos.step, desc=f"train {self.stage_name}",
                    dynamic_ncols=True, disable=self.rank > 0)
         for epoch in range(self.pos.epoch, self.epochs):
@@ -236,7 +249,7 @@ class StageTrainer:
                 window["loss"] += sum(out["loss"])
                 window["n"] += len(out["loss"])
                 window["tokens"] += sum(out["tokens"])
-                tokens_total += sum(out["tokens"])
+                self._tokens += sum(out["tokens"])
                 self.pos.step += 1
                 self.pos.epoch, self.pos.batch = epoch, end
                 bar.update(1)
@@ -251,9 +264,10 @@ class StageTrainer:
         bar.close()
         self.engine.close()
         self.model.eval()
-        tokens_total = int(D.all_reduce_sum([tokens_total])[0])
+        tokens_total = int(D.all_reduce_sum([self._tokens])[0])
         losses = self.logged_losses
         return {"steps": self.pos.step, "tokens": tokens_total,
-                "seconds": time.perf_counter() - t0,
+                "seconds": time.perf_counter() - self._t0,
+                "resumed_seconds": float(before.get("seconds", 0.0)),
                 "first_loss": losses[0] if losses else None,
                 "last_loss": losses[-1] if losses else None, "logged_losses": losses}

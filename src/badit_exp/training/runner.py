@@ -389,7 +389,7 @@ class Runner:
         summary = self.train_stage(model, method, i, stage, progress)
         sync_rng()
         method.on_stage_end(model, i, stage.name, data)
-        t_train = time.perf_counter() - t0
+        t_train = time.perf_counter() - t0 + summary.get("resumed_seconds", 0.0)
         slice_loss = (self.target_loss(model, method) if self.cfg.trainer.step0_examples
                       else None)
         self.checkpoint_stage(model, method, i)
