@@ -312,13 +312,36 @@ def test_plan_commands_compose_and_validate_for_every_kind_of_run(tmp_path, monk
         assert cfg.data.eval_split == ("holdout" if kind == "tune" else "test")
 
 
-@SLOW  # composes all 117 runs and tokenises the data (about a minute)
+def test_plan_prices_a_subset_by_method_and_family(capsys):
+    """``plan --methods`` refuses a method the study lacks (naming the study's), and the per-method
+    table sums each method's runs by mode, grouped by the study's families in their order."""
+    study = S.load_study("study_gpu_qwen3_4b")
+    with pytest.raises(SystemExit, match=r"--methods: nope not in study study_gpu_qwen3_4b.*lora_r32"):
+        S.plan(study, ["mixed"], ["lora", "nope"])
+    run = lambda mode, m, gh: S.PlannedRun(S.RunSpec("test", mode, m, 1e-4, 1), "test", False,  # noqa: E731
+                                           [], "", 8, gh / 8, gh)
+    runs = [run("mixed", "badit", 2.0), run("sequential", "badit", 3.0), run("single", "badit", 1.0),
+            run("mixed", "smora_k8", 4.0), run("mixed", "lora", 1.5), run("mixed", "lora", 1.5)]
+    table = S.method_hours_table(study, runs).splitlines()
+    assert table[0] == "| family | method | runs | mixed GPU-h | sequential GPU-h | single GPU-h | GPU-hours |"
+    assert table[2:] == ["| LoRA | lora | 2 | 3 | 0 | 0 | 3 |",
+                         "| BADIT | badit | 3 | 2 | 3 | 1 | 6 |",
+                         "| rank-wise experts | smora_k8 | 1 | 4 | 0 | 0 | 4 |"]
+
+
+@SLOW  # composes all 207 runs and tokenises the data (a few minutes)
 def test_the_gpu_study_plan_prints_every_run_validated_with_its_cost(capsys):
     study = S.load_study("study_gpu_qwen3_4b")
     runs, facts = S.build_plan(study, ["mixed", "sequential"])
-    assert len(runs) == 3 * 7 + 3 * 6 + 2 * 3 * (7 + 6)
+    # 16 mixed and 7 sequential methods: a 3-point grid each, then 3 seeds of test and single runs
+    assert len(runs) == 3 * 16 + 3 * 7 + 2 * 3 * (16 + 7)
     assert all(r.gpus == 8 and r.gpu_hours > 0 for r in runs)
     assert facts["reference"]["device"] == "NVIDIA H200"
-    assert S.plan(study, ["mixed"]) == 0
+    assert S.plan(study, ["mixed"], ["lora", "badit"]) == 0
     out = capsys.readouterr().out
+    assert "# Plan of study study_gpu_qwen3_4b: 18 runs (mixed; methods lora, badit)" in out
     assert "Estimated GPU-hours:" in out and "step_time_h200_random_0.5b.json" in out
+    mine = {(r.spec.method, r.spec.mode): 0.0 for r in runs}
+    for r in runs:
+        mine[(r.spec.method, r.spec.mode)] += r.gpu_hours
+    assert f"| BADIT | badit | 9 | {mine[('badit', 'mixed')]:.0f} | " in out  # 3 tune, 3 test, 3 single

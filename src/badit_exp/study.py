@@ -438,8 +438,10 @@ def planned(study, mode: str) -> List[Tuple[RunSpec, str, bool]]:
 
 
 
-def build_plan(study, modes: Sequence[str]) -> Tuple[List[PlannedRun], Dict]:
-    """Every run of ``modes`` with its validated command and cost; and the cost model's facts."""
+def build_plan(study, modes: Sequence[str], methods: Optional[Sequence[str]] = None
+               ) -> Tuple[List[PlannedRun], Dict]:
+    """Every run of ``modes`` (of ``methods`` only, when given) with its validated command and
+    cost; and the cost model's facts."""
     pool = Pool(study, dry_run=True)
     est = study.get("estimate") or OmegaConf.create({})
     est = OmegaConf.merge(OmegaConf.create({"step_times": None, "fallback_method": "lora",
@@ -451,6 +453,8 @@ def build_plan(study, modes: Sequence[str]) -> Tuple[List[PlannedRun], Dict]:
     facts: Dict = {"reference": ref}
     for mode in modes:
         for sp, kind, tuned in planned(study, mode):
+            if methods and sp.method not in methods:
+                continue
             cmd = pool.command(sp)
             cfg = load(P.run_overrides(cmd))  # composes and validates, as the run will
             key = (sp.split, cfg.data.max_train_per_task, cfg.data.holdout_per_task,
@@ -473,11 +477,20 @@ def build_plan(study, modes: Sequence[str]) -> Tuple[List[PlannedRun], Dict]:
     return runs, facts
 
 
-def plan(study, modes: Sequence[str]) -> int:
-    """Print every run of ``modes`` with its command, resources and estimated GPU-hours."""
-    runs, facts = build_plan(study, modes)
+def plan(study, modes: Sequence[str], methods: Optional[Sequence[str]] = None) -> int:
+    """Print every run of ``modes`` (of ``methods`` only, when given) with its command,
+    resources and estimated GPU-hours, and the GPU-hours per method (by family), so that a
+    subset of the study can be priced before it is launched with the same ``--methods``."""
+    known = {m for mode in modes for m in (OmegaConf.select(study, f"study.{mode}.methods")
+                                            or [])}
+    unknown = sorted(set(methods or []) - known)
+    if unknown:
+        raise SystemExit(f"--methods: {', '.join(unknown)} not in study {study.name} "
+                         f"({', '.join(modes)}); its methods: {', '.join(sorted(known))}.")
+    runs, facts = build_plan(study, modes, methods)
     ref = facts["reference"]
-    print(f"# Plan of study {study.name}: {len(runs)} runs ({', '.join(modes)})\n")
+    print(f"# Plan of study {study.name}: {len(runs)} runs ({', '.join(modes)}"
+          + (f"; methods {', '.join(methods)}" if methods else "") + ")\n")
     print("| run | kind | lr | seed | GPUs | est. hours | est. GPU-hours |\n|---|---|---|---|---|---|---|")
     for r in runs:
         lr = T.fmt_lr(r.spec.lr) + (" (tuned)" if r.tuned else "")
@@ -495,6 +508,7 @@ def plan(study, modes: Sequence[str]) -> int:
     ext = int(study.tune.get("max_extensions", 0))
     n_methods = sum(len(study.tune.grids[m]) for m in modes if m in study.tune.grids)
     if ref is not None:
+        print("\n" + method_hours_table(study, runs))
         print(f"\nEstimated GPU-hours: {total:.0f} in all ("
               + ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_kind.items())) + "); "
               f"up to {ext} extra tuning run(s) per method and mode if a best rate sits at its "
@@ -510,6 +524,31 @@ def plan(study, modes: Sequence[str]) -> int:
               f"{facts['compute_gpu_hours']:.0f} GPU-hours. The model: "
               "src/badit_exp/study_plan.py and docs/clusters.md.")
     return 0
+
+
+def method_hours_table(study, runs: Sequence[PlannedRun]) -> str:
+    """GPU-hours per method (grouped by the study's ``families``): its tuning and test runs per
+    mode, and its single-task runs (Forward) in their own column."""
+    fams = {m: f for f, ms in (study.get("families") or {}).items() for m in ms}
+    order = list((study.get("families") or {}).keys())
+    rows: Dict[str, Dict[str, float]] = {}
+    n: Dict[str, int] = {}
+    for r in runs:
+        rows.setdefault(r.spec.method, {}).setdefault(r.spec.mode, 0.0)
+        rows[r.spec.method][r.spec.mode] += r.gpu_hours
+        n[r.spec.method] = n.get(r.spec.method, 0) + 1
+    modes = [m for m in ("mixed", "sequential", "single") if any(m in v for v in rows.values())]
+
+    def rank(m: str) -> Tuple[int, int]:
+        f = fams.get(m)
+        return (order.index(f) if f in order else len(order), list(rows).index(m))
+    out = ["| family | method | runs | " + " | ".join(f"{m} GPU-h" for m in modes)
+           + " | GPU-hours |", "|---|---|---|" + "---|" * (len(modes) + 1)]
+    for m in sorted(rows, key=rank):
+        out.append(f"| {fams.get(m, '-')} | {m} | {n[m]} | "
+                   + " | ".join(f"{rows[m].get(x, 0.0):.0f}" for x in modes)
+                   + f" | {sum(rows[m].values()):.0f} |")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------- status
@@ -650,7 +689,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="where runs execute (default: the study's executor.name, else local): "
                          "local = processes on this machine, slurm = one job per run through "
                          "submitit")
-    ap.add_argument("--methods", default="", help="comma list (default: the study's)")
+    ap.add_argument("--methods", default="",
+                    help="comma list (default: the study's); plan and status list only these")
     ap.add_argument("--seeds", default="", help="comma list (run; default: the study's)")
     ap.add_argument("--workers", type=int, default=None,
                     help="runs at a time for this controller (default: the study's workers); "
@@ -680,7 +720,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         status(study, modes, methods=a.methods.split(",") if a.methods else None)
         return 0
     if a.action == "plan":
-        return plan(study, modes)
+        return plan(study, modes, a.methods.split(",") if a.methods else None)
     a.mode = a.mode or "mixed"
     if a.action == "tune":
         methods = a.methods.split(",") if a.methods else list(study.study[a.mode].methods)
