@@ -437,16 +437,9 @@ def test_the_study_refuses_a_rate_at_its_grids_edge(tmp_path, capsys):
     assert "method=badit" in capsys.readouterr().out
 
 
-def test_tune_and_run_starts_a_methods_study_once_its_rate_is_settled(tmp_path, monkeypatch):
-    """`study all`: tuning first; a method's test runs start as soon as its grid is done and
-    its best is interior, while another method's grid is still being extended (no idle
-    worker); each test run uses the final choice."""
-    from badit_exp import study as S
-
-    score = {"badit": {1e-4: 20, 3e-4: 30, 1e-3: 25},
-             "loramoe": {1e-4: 10, 3e-4: 15, 1e-3: 25, 3e-3: 20}}
-    log = []
-
+def _fake_pool(tmp_path, score, log):
+    """A worker pool that runs nothing: the first started run ends first and writes its
+    committed files with hold-out ROUGE-L ``score[method][lr]`` (test runs: 50)."""
     class FakePool:
         def __init__(self, study, dry_run=False, scope=None):
             self.study, self.running, self.failed = study, {}, []
@@ -460,15 +453,57 @@ def test_tune_and_run_starts_a_methods_study_once_its_rate_is_settled(tmp_path, 
             self.running[spec] = (None, 0.0)
 
         def wait_one(self):
-            spec = next(iter(self.running))  # first started ends first
+            spec = next(iter(self.running))
             del self.running[spec]
-            s = score[spec.method][spec.lr] if spec.split == "holdout" else 50
+            s = next(v for k, v in score[spec.method].items() if abs(k - spec.lr) < 1e-9 * k) \
+                if spec.split == "holdout" else 50
             _fake_run(tmp_path, spec.split, spec.mode, spec.method, spec.lr, spec.seed,
                       [s] * 6, 2.0)
             log.append(("end", spec))
             return spec
+    return FakePool
 
-    monkeypatch.setattr(S, "Pool", FakePool)
+
+def test_a_restarted_controller_extends_a_grid_an_earlier_one_finished(tmp_path, monkeypatch):
+    """Measured (issue 26): a controller stopped after a method's grid ended with its best at
+    an edge never added the extension when started again (extensions were only queued when a
+    tuning run ended under it), so the method got neither its next rate nor its study runs.
+    Now the restart queues it first, and counts the extensions already committed."""
+    from badit_exp import study as S
+
+    score = {"gainlora": {3e-4: 22, 1e-3: 20, 3e-3: 18, 1e-2: 16, 1e-4: 21}}
+    for lr in (1e-3, 3e-3, 1e-2):  # an earlier controller's grid: best at the low edge
+        _fake_run(tmp_path, "holdout", "sequential", "gainlora", lr, 1,
+                  [score["gainlora"][lr]] * 6, 2.0)
+    log = []
+    monkeypatch.setattr(S, "Pool", _fake_pool(tmp_path, score, log))
+    study = OmegaConf.create({
+        "name": "t", "results_dir": str(tmp_path), "workers": 1, "study_experiment": "study2_cpu",
+        "study": {"sequential": {"forward": False}},
+        "tune": {"seed": 1, "max_extensions": 1,
+                 "grids": {"sequential": {"gainlora": [1e-3, 3e-3, 1e-2]}}}})
+    assert S.tune_and_run(study, "sequential", ["gainlora"], [1]) == 0
+    starts = [sp for ev, sp in log if ev == "start"]
+    assert starts == [S.RunSpec("holdout", "sequential", "gainlora", 3e-4, 1),
+                      S.RunSpec("test", "sequential", "gainlora", 3e-4, 1)]
+    # a third controller: the one extension allowed is spent (3e-4 is still the low edge),
+    # so nothing more is tuned and the study runs go ahead at 3e-4
+    log.clear()
+    assert S.tune_and_run(study, "sequential", ["gainlora"], [1, 2]) == 0
+    assert [sp for ev, sp in log if ev == "start"] == [
+        S.RunSpec("test", "sequential", "gainlora", 3e-4, 2)]
+
+
+def test_tune_and_run_starts_a_methods_study_once_its_rate_is_settled(tmp_path, monkeypatch):
+    """`study all`: tuning first; a method's test runs start as soon as its grid is done and
+    its best is interior, while another method's grid is still being extended (no idle
+    worker); each test run uses the final choice."""
+    from badit_exp import study as S
+
+    score = {"badit": {1e-4: 20, 3e-4: 30, 1e-3: 25},
+             "loramoe": {1e-4: 10, 3e-4: 15, 1e-3: 25, 3e-3: 20}}
+    log = []
+    monkeypatch.setattr(S, "Pool", _fake_pool(tmp_path, score, log))
     study = OmegaConf.create({
         "name": "t", "results_dir": str(tmp_path), "workers": 2, "study_experiment": "study2_cpu",
         "tune": {"seed": 1, "max_extensions": 3,

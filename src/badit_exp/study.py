@@ -302,9 +302,25 @@ def tune_and_run(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
     tests = [(m, int(s), "test") for s in seeds for m in methods]
     if forward:
         tests += [(m, int(s), "single") for s in seeds for m in methods]
-    extensions = {m: 0 for m in methods}
     by_mode = {mode: R.choices_from(R.load_runs(_path(study.results_dir)), mode)}
+    # extensions already made (by an earlier controller): the committed rates off the grid
+    extensions = {m: sum(1 for x in (by_mode[mode][m].grid if m in by_mode[mode] else [])
+                         if all(abs(x - float(y)) > 1e-9 * x for y in grids[m]))
+                  for m in methods}
     dry_started: List[RunSpec] = []  # dry run: the tuning runs it would start
+
+    def extend(m: str) -> None:
+        """Queue the next rate of ``m`` when its tuning is done and its best sits at an edge
+        (also for a grid an earlier controller finished: a restart must not skip it)."""
+        pending = [s for s in queue if s.method == m and finished(study, s) is None] + \
+            [s for s in pool.running if s.method == m]
+        c = by_mode[mode].get(m)
+        if c is not None and not pending and c.edge and extensions[m] < study.tune.max_extensions:
+            nxt = T.next_rate(c)
+            extensions[m] += 1
+            print(f"[study] {m}: best {T.fmt_lr(c.lr)} is at the {c.edge} edge of "
+                  f"{[T.fmt_lr(x) for x in c.grid]}; adding {T.fmt_lr(nxt)}", flush=True)
+            queue.insert(0, RunSpec("holdout", mode, m, nxt, seed))
 
     def settled(m: str) -> Optional[T.Choice]:
         if any(sp.method == m and sp.split == "holdout"
@@ -333,6 +349,8 @@ def tune_and_run(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
                 return sp
         return None
 
+    for m in methods:
+        extend(m)
     while True:
         while pool.free:
             sp = next_spec()
@@ -347,15 +365,7 @@ def tune_and_run(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
         if ended is None or ended.split != "holdout":
             continue
         by_mode = write_choice_file(study)
-        m = ended.method
-        pending = [s for s in queue + list(pool.running) if s.method == m]
-        c = by_mode[mode].get(m)
-        if c is not None and not pending and c.edge and extensions[m] < study.tune.max_extensions:
-            nxt = T.next_rate(c)
-            extensions[m] += 1
-            print(f"[study] {m}: best {T.fmt_lr(c.lr)} is at the {c.edge} edge of "
-                  f"{[T.fmt_lr(x) for x in c.grid]}; adding {T.fmt_lr(nxt)}", flush=True)
-            queue.insert(0, RunSpec("holdout", mode, m, nxt, seed))
+        extend(ended.method)
     if not dry_run:
         by_mode = write_choice_file(study)
         for m in methods:
