@@ -2,6 +2,9 @@
 move, disjoint masks for sequential tasks, the two-run form, the issue's CLI runs."""
 
 
+import json
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +22,15 @@ def test_masked_entries_are_exactly_zero_and_the_mask_is_the_global_top_k(tmp_pa
                                                                           superni):
     states = stage_states
     run_tiny(tmp_path / "r", tiny_overrides(tmp_path, extra=[
-        "method=lori", "method.sparsity=0.75", "trainer.epochs=3"]))
+        "method=lori", "method.sparsity=0.75", "trainer.epochs=3", "trainer.log_every=1"]))
+    # the masked part runs its own warm-up + cosine at 10x the rate (the released LoRI-S)
+    log = [json.loads(x) for x in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    lrs = [r["train/lr"] for r in log if "train/lr" in r]  # the rate after each step: k = 1..n
+    n, lr = len(lrs), 5e-3  # conf/scale/tiny.yaml
+    assert n == 18
+    half = [_lr_at(k, n // 2) for k in range(n // 2)] + [0.0]  # its rate after the last step: 0
+    assert lrs == pytest.approx([lr * x for x in half[1:n // 2]]
+                                + [10 * lr * x for x in half], abs=1e-12)
     st = states[0]
     names = _layers(st)
     total = sum(st[f"{n}.lori_mask"].numel() for n in names)
@@ -34,6 +45,47 @@ def test_masked_entries_are_exactly_zero_and_the_mask_is_the_global_top_k(tmp_pa
     saved = load_file(str(tmp_path / "r" / "lori_mask.safetensors"))
     assert all(torch.equal(saved[n], st[f"{n}.lori_mask"]) for n in names)
     assert int(st["lori_a_seed"]) == 0 and int(st["lori_masked"]) == 1
+
+
+def _lr_at(step: int, n: int, warmup_ratio: float = 0.03) -> float:
+    """transformers' cosine with linear warm-up over ``n`` steps, by hand."""
+    w = math.ceil(warmup_ratio * n)
+    if step < w:
+        return step / w
+    return 0.5 * (1 + math.cos(math.pi * (step - w) / (n - w)))
+
+
+def test_the_masked_part_restarts_the_schedule_at_ten_times_the_rate():
+    """The released LoRI-S is a run of its own at 10x LoRI-D's rate (5e-4 against 5e-5), so
+    its masked part restarts warm-up + schedule; before issue 26 it ran in the stage's cosine
+    tail at the dense rate (a mean factor of 0.31 over the 4 masked steps of an 8-step stage,
+    against 10 x 0.5 now)."""
+    from badit_exp.compose import load
+    from badit_exp.methods import registry
+    from badit_exp.training.engine import make_scheduler
+
+    def phases(*extra, steps=8):
+        return registry.build(load(["model=tiny-llama", "method=lori", *extra]).method).lr_phases(steps)
+
+    assert phases() == [(0, 1.0), (4, 10.0)]
+    assert phases("method.calibration_steps=3") == [(0, 1.0), (3, 10.0)]
+    assert phases("method.calibration_steps=8") is None  # the mask would come after the end
+    assert phases("method.mask_path=m.safetensors") is None  # LoRI-S alone: one schedule
+    assert phases("method.restart_schedule=false", "method.masked_lr_scale=1") is None
+    with pytest.raises(ConfigError, match="masked_lr_scale=10.0 needs method.restart_schedule=true"):
+        phases("method.restart_schedule=false")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sch = make_scheduler(opt, "cosine", 0.03, 8, phases())
+    lrs = []
+    for _ in range(8):
+        lrs.append(sch.get_last_lr()[0])
+        opt.step()
+        sch.step()
+    assert lrs == pytest.approx([0, 1e-3, 0.75e-3, 0.25e-3, 0, 1e-2, 0.75e-2, 0.25e-2])
+    old = [_lr_at(k, 8) for k in range(4, 8)]  # the former masked part: the cosine's tail
+    assert sum(old) / 4 == pytest.approx(0.3094, abs=1e-4)
+    with pytest.raises(ValueError, match="rise from 0"):
+        make_scheduler(opt, "cosine", 0.03, 8, [(0, 1.0), (8, 10.0)])
 
 
 def test_a_is_seeded_and_a_wrong_seed_is_refused():

@@ -9,6 +9,7 @@ A new method adds its row here (README, "Adding a method"); a YAML without a row
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,9 @@ def _trainer(cfg, model, method, examples, save=None):
                     warmup_ratio=t.warmup_ratio, grad_accum_steps=1, max_grad_norm=t.max_grad_norm)
     return StageTrainer(model, method, examples, epochs=2, batch_size=2, grad_accum_steps=1,
                         seed=cfg.seed, stage_index=0, stage_name="mixed", pad_id=0, device=CPU,
-                        make_engine=lambda n: E.build_engine(model, "none", optim, n, device=CPU),
+                        make_engine=lambda n: E.build_engine(  # with the method's phases
+                            model, "none", dataclasses.replace(
+                                optim, phases=tuple(method.lr_phases(n) or ())), n, device=CPU),
                         checkpoint_every_steps=2, save_checkpoint=save)
 
 

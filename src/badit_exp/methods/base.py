@@ -22,7 +22,7 @@ weights and Adam moments are partitioned).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import MISSING
@@ -109,6 +109,14 @@ class Method:
     def describe(self) -> Dict[str, Any]:
         """Which variant runs, recorded in metrics.json."""
         return {"kind": self.kind}
+
+    def lr_phases(self, total_steps: int) -> Optional[List[Tuple[int, float]]]:
+        """The stage's learning-rate schedule in phases: ``[(first optimizer step, peak-rate
+        factor), ...]`` from step 0, each running the trainer's warm-up and schedule anew over
+        its own steps (``training.engine.make_scheduler``); None (the default): one phase.
+        Called when the stage's engine is built, so it must depend on the config and
+        ``total_steps`` only (a resumed stage rebuilds the same schedule)."""
+        return None
 
     # -- training hooks ---------------------------------------------------------------------
     def on_stage_start(self, model, stage_index: int, stage_name: str, train_batches) -> None:

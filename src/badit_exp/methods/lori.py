@@ -5,13 +5,21 @@ random init and a sparse mask on B,
 
 The released recipe is two runs: LoRI-D trains a dense B (A frozen), the mask keeps the top
 (1 - sparsity) of |B| over ALL adapted layers together (global magnitude top-k), and LoRI-S
-restarts with B = 0 and trains only the masked entries. Here both stages can run in one:
+restarts with B = 0 and trains only the masked entries, at 10x LoRI-D's rate (released scripts:
+5e-5 and 5e-4) and with a schedule of its own (it is a run of its own). Here both stages can
+run in one:
 
 * ``calibration_steps`` optimizer steps of dense training at the start of a stage (``None``:
   half the stage's steps), then the global top-k mask, B reset to 0 (its Adam moments too) and
-  masked training for the rest of the stage; or
+  masked training for the rest of the stage. As in the released recipe, the masked part runs the
+  trainer's warm-up and schedule anew (``restart_schedule``) at ``masked_lr_scale`` x the rate
+  (10): ``trainer.lr`` is LoRI-D's rate. (Before issue 26 it ran in the tail of the stage's
+  cosine at the dense rate, about 1/16 of the released masked rate at 8 steps a stage: LoRI
+  barely learned in sequential runs. ``restart_schedule=false masked_lr_scale=1`` gives that
+  form back.) Or
 * ``mask_path``: a mask saved by an earlier run (``<run_dir>/lori_mask.safetensors``), masked
-  training from the first step (the released two-run form).
+  training from the first step (the released two-run form): the run is LoRI-S alone, one
+  schedule at ``trainer.lr`` (released: 5e-4).
 
 Masked entries never change: their gradient is exactly 0 (the forward multiplies by M), so
 AdamW's moments and update stay 0 and decoupled weight decay keeps a 0 at 0, bit for bit, under
@@ -52,6 +60,8 @@ class LoRIConfig(MethodConfig):
     alpha: float = 64.0
     sparsity: float = 0.9  # share of B's entries masked out (released: 0.9)
     calibration_steps: Optional[int] = None  # dense steps before the mask; None = half a stage
+    masked_lr_scale: float = 10.0  # the masked part's peak rate / trainer.lr (released: 10)
+    restart_schedule: bool = True  # the masked part runs warm-up + schedule anew (released)
     mask_path: Optional[str] = None  # a saved mask: masked training from the first step
     a_seed: int = 0  # A of the i-th adapted layer from Generator().manual_seed(a_seed + i)
 
@@ -59,6 +69,13 @@ class LoRIConfig(MethodConfig):
         super().__post_init__()
         if not 0 <= self.sparsity < 1:
             raise ConfigError(f"method.sparsity={self.sparsity} must be in [0, 1).")
+        if not self.masked_lr_scale > 0:
+            raise ConfigError(f"method.masked_lr_scale={self.masked_lr_scale} must be > 0 "
+                              "(released: 10, LoRI-S at 10x LoRI-D's rate).")
+        if not self.restart_schedule and self.masked_lr_scale != 1.0:
+            raise ConfigError(f"method.masked_lr_scale={self.masked_lr_scale} needs "
+                              "method.restart_schedule=true (a continued schedule with a jump "
+                              "in its rate is not offered); or set masked_lr_scale=1.")
         if self.calibration_steps is not None and self.calibration_steps < 1:
             raise ConfigError(f"method.calibration_steps={self.calibration_steps} must be >= 1 "
                               "(or null: half of each stage).")
@@ -114,7 +131,21 @@ class LoRI(Method):
         c = self.cfg
         return {"kind": self.kind, "sparsity": c.sparsity, "a_seed": c.a_seed,
                 "calibration_steps": c.calibration_steps, "mask_path": c.mask_path,
+                "masked_lr_scale": c.masked_lr_scale, "restart_schedule": c.restart_schedule,
                 "A": "frozen, seeded"}
+
+    def _n_cal(self, total_steps: Optional[int]) -> int:
+        return self.cfg.calibration_steps or max((total_steps or 2) // 2, 1)
+
+    def lr_phases(self, total_steps):
+        """Dense calibration at the rate, then the masked part at ``masked_lr_scale`` x it, its
+        schedule restarted (``restart_schedule``) or continued; one phase with ``mask_path``
+        (masked from the first step) or when the mask would come after the stage's end."""
+        c = self.cfg
+        n_cal = self._n_cal(total_steps)
+        if c.mask_path or n_cal >= total_steps:
+            return None
+        return [(0, 1.0), (n_cal, c.masked_lr_scale)] if c.restart_schedule else None
 
     def mergeable(self) -> bool:
         return True  # W + s (M * B + B_prev) A
@@ -140,7 +171,7 @@ class LoRI(Method):
                        total_steps=None):
         if self.masked:
             return
-        n_cal = self.cfg.calibration_steps or max((total_steps or 2) // 2, 1)
+        n_cal = self._n_cal(total_steps)
         if step == n_cal:  # calibration done: the mask, B back to 0 with its moments
             self._set_mask(self._global_topk(), optimizer)
 

@@ -26,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from transformers import get_scheduler
@@ -45,13 +45,44 @@ class Optim:
     warmup_ratio: float
     grad_accum_steps: int
     max_grad_norm: Optional[float]
+    # the stage's schedule in phases (first optimizer step, peak-rate factor), from the method
+    # (:meth:`Method.lr_phases`); empty: one phase
+    phases: Tuple[Tuple[int, float], ...] = ()
 
 
-def make_scheduler(optimizer, name: str, warmup_ratio: float, total_steps: int):
-    """transformers' schedule ``name`` with ``ceil(warmup_ratio * total_steps)`` warm-up steps."""
-    warmup = math.ceil(warmup_ratio * total_steps)
+def make_scheduler(optimizer, name: str, warmup_ratio: float, total_steps: int,
+                   phases: Sequence[Tuple[int, float]] = ()):
+    """transformers' schedule ``name`` with ``ceil(warmup_ratio * total_steps)`` warm-up steps.
+
+    ``phases`` ((first step, factor), ..., the first at step 0): each phase runs the same
+    schedule anew over its own steps (its own warm-up), its peak ``factor`` x the rate, e.g.
+    LoRI's masked stage, a run of its own in the released code. A function of the step alone,
+    so a resumed stage rebuilds it exactly."""
     name = "constant_with_warmup" if name == "constant" else name
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    if not phases:
+        warmup = math.ceil(warmup_ratio * total_steps)
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup,
+                             num_training_steps=total_steps)
+    starts = [int(s) for s, _ in phases]
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])) or \
+            starts[-1] >= total_steps:
+        raise ValueError(f"schedule phases {list(phases)}: first steps must rise from 0 and stay "
+                         f"below the stage's {total_steps} steps")
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    parts = []
+    for (start, factor), end in zip(phases, starts[1:] + [total_steps]):
+        n = end - start
+        f = get_scheduler(name, dummy, num_warmup_steps=math.ceil(warmup_ratio * n),
+                          num_training_steps=n).lr_lambdas[0]
+        parts.append((start, end, float(factor), f))
+
+    def factor_at(step: int) -> float:
+        for start, end, factor, f in parts:
+            if step < end:
+                return factor * f(step - start)
+        start, _, factor, f = parts[-1]
+        return factor * f(step - start)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor_at)
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int,
@@ -118,7 +149,7 @@ class Engine(OptimizerAccess):
         self.optim = optim
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, optim.lr_scheduler, optim.warmup_ratio,
-                                        total_steps)
+                                        total_steps, optim.phases)
         self.wrapped = model
         self.ddp = ddp and D.world_size() > 1
         if self.ddp:

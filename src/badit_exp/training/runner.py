@@ -230,14 +230,16 @@ class Runner:
                  self.cfg.model.name, self.cfg.method.name, n_train, n_all, 100 * n_train / n_all)
         return model, method
 
-    def make_engine(self, model, total_steps: int, skips_parameters: bool = False) -> E.Engine:
-        """The stage's engine from ``trainer`` and ``distributed`` (flat arguments);
-        ``skips_parameters``: the method may leave parameters without a gradient in a step
-        (sparse dispatch), which DDP must be told."""
+    def make_engine(self, model, method, total_steps: int) -> E.Engine:
+        """The stage's engine from ``trainer`` and ``distributed`` (flat arguments) and the
+        method's schedule phases; a method that may leave parameters without a gradient in a
+        step (``skips_parameters``: sparse dispatch) is declared to DDP."""
         t, d = self.cfg.trainer, self.cfg.distributed
         optim = E.Optim(lr=t.lr, weight_decay=t.weight_decay, lr_scheduler=t.lr_scheduler,
                         warmup_ratio=t.warmup_ratio, grad_accum_steps=t.grad_accum_steps,
-                        max_grad_norm=t.max_grad_norm)
+                        max_grad_norm=t.max_grad_norm,
+                        phases=tuple(method.lr_phases(total_steps) or ()))
+        skips_parameters = method.skips_parameters
         ds = (ds_config_for(t, d, D.world_size(), self.autocast_dtype == torch.bfloat16)
               if d.name == "zero2" else None)
         return E.build_engine(model, d.name, optim, total_steps, device=self.device,
@@ -270,7 +272,7 @@ class Runner:
         t = self.cfg.trainer
         trainer = StageTrainer(
             model, method, examples,
-            make_engine=lambda n: self.make_engine(model, n, method.skips_parameters),
+            make_engine=lambda n: self.make_engine(model, method, n),
             epochs=t.epochs, batch_size=t.per_device_batch_size,
             grad_accum_steps=t.grad_accum_steps, seed=self.cfg.seed, stage_index=i,
             stage_name=stage.name, pad_id=self.tok.pad_token_id, device=self.device,
