@@ -638,3 +638,23 @@ def test_status_estimates_the_runs_left_from_the_committed_runs_timings(tmp_path
     assert {r["method"] for r in only} == {"badit"} and len(only) == 2
     assert "left: 2 runs" in capsys.readouterr().out
 
+
+
+def test_collect_keeps_the_tables_files_and_the_small_diagnostics(tmp_path):
+    """A finished run's committed copy: per-example scores, the metrics, and the small
+    diagnostics a method wrote (GainLoRA's gate table, the training log); not its adapter or
+    checkpoints."""
+    from badit_exp.study_report import collect
+
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    (run / "predictions" / "task1.jsonl").write_text(json.dumps(
+        {"id": "a", "rougeL": 50.0, "exact_match": 0.0, "loss": 1.5, "prediction": "x"}) + "\n")
+    for name in ("metrics.json", "gate_table.json", "train_log.jsonl", "scores.csv"):
+        (run / name).write_text("{}\n")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter.safetensors").write_bytes(b"0" * 10)
+    collect(run, tmp_path / "dest")
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == [
+        "examples.jsonl", "gate_table.json", "metrics.json", "scores.csv", "train_log.jsonl"]
+    assert json.loads((tmp_path / "dest" / "examples.jsonl").read_text())["loss"] == 1.5

@@ -28,11 +28,17 @@ from badit_exp import plotting
 from badit_exp import tuning as T
 from badit_exp.io_utils import atomic_write_json, atomic_write_text, write_jsonl
 
-
 # ---------------------------------------------------------------------------- run files
+# small per-method diagnostics kept with a run: GainLoRA's gate per (evaluated task, branch)
+# after each stage, O-LoRA's subspace overlaps, a mixture's router statistics, and the logged
+# training losses and rates (why a method learns less is read from these, issue 26)
+DIAGNOSTICS = ("gate_table.json", "o_lora_overlap.json", "router_stats.json", "train_log.jsonl")
+
+
 def collect(run_dir: Path, dest: Path) -> None:
-    """Copy what the tables need from a finished run into ``dest`` (``metrics.json`` last: its
-    presence marks the run as done)."""
+    """Copy what the tables need from a finished run into ``dest``, with its small diagnostics
+    (:data:`DIAGNOSTICS`) where the run wrote them (``metrics.json`` last: its presence marks
+    the run as done)."""
     dest.mkdir(parents=True, exist_ok=True)
     rows = []
     for f in sorted((run_dir / "predictions").glob("*.jsonl")):
@@ -55,8 +61,9 @@ def collect(run_dir: Path, dest: Path) -> None:
                               "rougeL": r.get("rougeL"), "loss": r.get("loss")})
     if inter:
         write_jsonl(dest / "rows.jsonl", inter)
-    if (run_dir / "scores.csv").exists():
-        shutil.copy(run_dir / "scores.csv", dest / "scores.csv")
+    for name in ("scores.csv", *DIAGNOSTICS):
+        if (run_dir / name).exists():
+            shutil.copy(run_dir / name, dest / name)
     shutil.copy(run_dir / "metrics.json", dest / "metrics.json")
 
 
