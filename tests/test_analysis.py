@@ -118,9 +118,20 @@ def test_fisher_end_to_end(tmp_path):
 
 
 def test_experts_end_to_end(tmp_path):
+    """A trained mixture's routing per task, in-process (fisher's test runs the CLI)."""
+    from omegaconf import OmegaConf
+
+    from badit_exp import analyze
+    from badit_exp.compose import compose
+
     run_tiny(tmp_path / "moe", tiny_overrides(tmp_path, tasks=TASKS3[:2],
                                               extra=["method=loramoe", "trainer.epochs=1"]))
-    d = _analyze(tmp_path, "experts", f"analysis.run_dir={tmp_path}/moe")
+    cfg = OmegaConf.to_object(compose([
+        "analysis.name=experts", "model=tiny-llama", f"data.root={SUPERNI}",
+        f"data.tasks=[{','.join(TASKS3[:2])}]", "analysis.max_examples_per_task=3",
+        f"paths.cache_dir={CACHE}", f"analysis.run_dir={tmp_path}/moe"], config_name="analyze"))
+    d = tmp_path / "experts"
+    analyze.run(cfg, d)
     z = np.load(d / "experts.npz")
     assert z["weights"].shape == (2, 8) and z["top_k"].shape == (2, 4)
     np.testing.assert_allclose(z["weights"].sum(1), 1.0, atol=1e-5)
