@@ -167,6 +167,9 @@ def test_choice_interior_and_edges():
     assert hi.score == 26.0  # mean over seeds
     lo = T.choose("m", "mixed", {1e-4: [30.0], 3e-4: [25.0]})
     assert lo.edge == "low" and T.next_rate(lo) == pytest.approx(3e-5)
+    # exactly the decimal rates (the choices file printed 0.00030000000000000003)
+    assert [T.ladder_step(1e-3, -1), T.ladder_step(3e-4, -1), T.ladder_step(1e-3, +1),
+            T.ladder_step(3e-3, +1)] == [3e-4, 1e-4, 3e-3, 1e-2]
     tie = T.choose("m", "mixed", {1e-4: [1.0], 3e-4: [5.0], 1e-3: [5.0], 3e-3: [0.0]})
     assert tie.lr == 3e-4  # ties go to the smaller rate
 

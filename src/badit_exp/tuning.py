@@ -27,10 +27,12 @@ def ladder_step(lr: float, direction: int) -> float:
     sqrt(10) (factor ~3.16)."""
     e = math.floor(math.log10(lr) + 1e-9)
     m = round(lr / 10 ** e, 6)
+    # parsed from text, so a step lands on the decimal rate (3e-4, not 3 * 10 ** -4 =
+    # 0.00030000000000000003, which the choices file printed)
     if m == 1.0:
-        return (3 * 10 ** e) if direction > 0 else (3 * 10 ** (e - 1))
+        return float(f"3e{e}") if direction > 0 else float(f"3e{e - 1}")
     if m == 3.0:
-        return (10 ** (e + 1)) if direction > 0 else (10 ** e)
+        return float(f"1e{e + 1}") if direction > 0 else float(f"1e{e}")
     return lr * 10 ** (0.5 * direction)
 
 
@@ -100,7 +102,7 @@ def write_choices(path: str | Path, choices: Sequence[Choice], header: str = "")
         out.setdefault(c.mode, {})[c.method] = {
             "lr": float(c.lr), "holdout_rougeL": round(c.score, 3),
             "interior": c.interior, **({"edge": c.edge} if c.edge else {}),
-            "grid": [float(x) for x in c.grid], "holdout_rougeL_by_lr": [round(s, 3) for s in c.scores],
+            "grid": [float(f"{x:.6g}") for x in c.grid], "holdout_rougeL_by_lr": [round(s, 3) for s in c.scores],
             "lr_by_target_loss": None if c.by_loss is None else float(c.by_loss)}
     text = yaml.safe_dump(out, sort_keys=False, default_flow_style=None, width=100)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
