@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,27 @@ def test_local_gradients_would_regroup_differently(tmp_path, superni):
         g = torch.stack([method.component_grads(n, l) for n, l in method.layers.items()])
         assigns.append(dog_assign(g, cfg.method.num_experts))
     assert not torch.equal(assigns[0], assigns[1])
+
+
+@pytest.mark.skipif(not HAS_DS, reason="deepspeed is not installed (pip install -e .[dist])")
+def test_cpu_zero_skips_deepspeeds_jit_built_shm_op(tmp_path, monkeypatch):
+    """DeepSpeed's CPU backend JIT-builds a shared-memory op behind a lock file; one left by a
+    killed process hung every later CPU ZeRO run (a CI run, 600 s). Marked incompatible, the op is
+    neither built nor loaded, whatever lies in the extensions folder."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # the module, not torch
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"
+    stale.parent.mkdir()
+    stale.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    D.skip_shm_comm_op()
+    built = []  # a thread: without the fix the load waits on the lock forever
+    loader = threading.Thread(target=lambda: built.append(ds_torch.build_shm_op()), daemon=True)
+    loader.start()
+    loader.join(timeout=60)
+    assert built == [None], "DeepSpeed still loads its shm op (it waits on a stale lock)"
+    assert not any(p.name != "lock" for p in tmp_path.rglob("*") if p.is_file())
 
 
 # -- two processes -------------------------------------------------------------------------------

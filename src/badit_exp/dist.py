@@ -67,6 +67,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from loading its shared-memory all-reduce op on CPU.
+
+    DeepSpeed's CPU backend JIT-builds ``deepspeed_shm_comm`` when its process group comes up,
+    under ``~/.cache/torch_extensions`` behind a lock file that every load takes, even with
+    the library already built. A process killed while it holds that lock leaves the file behind
+    and every later CPU ZeRO run on the machine waits on it forever, with nothing printed (a
+    CI run hung 600 s this way). The op serves only DeepSpeed's inference all-reduce; ZeRO's
+    collectives go through gloo. ``deepspeed.ops.__compatible_ops__`` is probed once per process
+    and kept as one dict, so marking the op incompatible there makes DeepSpeed skip it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init(dcfg, device: torch.device) -> DistContext:
     """Start the process group ``dcfg`` asks for (``distributed.*``) on ``device``'s backend.
 
@@ -103,6 +118,8 @@ def init(dcfg, device: torch.device) -> DistContext:
         if dcfg.name == "zero2":
             import deepspeed
 
+            if device.type != "cuda":
+                skip_shm_comm_op()
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                        timeout=timeout)
         else:
