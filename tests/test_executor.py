@@ -329,6 +329,20 @@ def test_plan_prices_a_subset_by_method_and_family(capsys):
                          "| rank-wise experts | smora_k8 | 1 | 4 | 0 | 0 | 4 |"]
 
 
+def test_plan_of_a_study_without_a_gpu_reference_says_so_instead_of_nan(capsys, monkeypatch):
+    """A CPU study has no GPU step-time reference: its plan prints n/a and points at ``status``
+    (which estimates from the committed runs), never ``nan``."""
+    study = S.load_study("study2_cpu")
+    runs = [S.PlannedRun(S.RunSpec("test", "mixed", "lora", 1e-4, 1), "test", True, ["python"],
+                         "local", 0, float("nan"), float("nan"))]
+    monkeypatch.setattr(S, "build_plan", lambda *a, **k: (runs, {"reference": None}))
+    assert S.plan(study, ["mixed"], ["lora"]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    assert "| test-mixed-lora-lr?-seed1 | test | 1e-4 (tuned) | 1 | 0 | n/a | n/a |" in out
+    assert "study status" in out
+
+
 @SLOW  # composes all 207 runs and tokenises the data (a few minutes)
 def test_the_gpu_study_plan_prints_every_run_validated_with_its_cost(capsys):
     study = S.load_study("study_gpu_qwen3_4b")

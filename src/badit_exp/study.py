@@ -504,9 +504,9 @@ def plan(study, modes: Sequence[str], methods: Optional[Sequence[str]] = None) -
     print("| run | kind | lr | seed | GPUs | est. hours | est. GPU-hours |\n|---|---|---|---|---|---|---|")
     for r in runs:
         lr = T.fmt_lr(r.spec.lr) + (" (tuned)" if r.tuned else "")
+        hours = f"{r.hours:.2f} | {r.gpu_hours:.1f}" if ref is not None else "n/a | n/a"
         print(f"| {r.spec.id if not r.tuned else r.spec.id.replace(T.fmt_lr(r.spec.lr), '?')} | "
-              f"{r.kind} | {lr} | {r.spec.seed} | {r.gpus} | {r.hours:.2f} | "
-              f"{r.gpu_hours:.1f} |")
+              f"{r.kind} | {lr} | {r.spec.seed} | {r.gpus} | {hours} |")
     print("\nCommands (each composed and validated):")
     for r in runs:
         print("  " + " ".join(r.command[1:]))
@@ -517,7 +517,11 @@ def plan(study, modes: Sequence[str], methods: Optional[Sequence[str]] = None) -
     total = sum(by_kind.values())
     ext = int(study.tune.get("max_extensions", 0))
     n_methods = sum(len(study.tune.grids[m]) for m in modes if m in study.tune.grids)
-    if ref is not None:
+    if ref is None:
+        print("\nNo GPU step-time reference (`estimate.step_times`) in this study, so no hours "
+              "here: `python -m badit_exp.study status` estimates the time left from the "
+              "study's committed runs.")
+    else:
         print("\n" + method_hours_table(study, runs))
         print(f"\nEstimated GPU-hours: {total:.0f} in all ("
               + ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_kind.items())) + "); "
