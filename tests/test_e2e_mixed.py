@@ -21,6 +21,8 @@ def _check_run_files(run_dir, tasks):
     prov = m["provenance"]
     assert {"git_commit", "git_dirty", "packages", "device"} <= set(prov)
     assert prov["packages"]["torch"]
+    if prov["device"]["type"] == "cpu":  # which CPU and kernels: floats differ between them
+        assert prov["device"]["isa"] and "model" in prov["device"]
     assert (run_dir / "config.yaml").exists() and (run_dir / "scores.csv").exists()
     assert (run_dir / "scores.png").stat().st_size > 1000
     assert (run_dir / "adapter" / "adapter.safetensors").exists()

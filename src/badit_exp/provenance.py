@@ -25,6 +25,16 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def collect() -> Dict:
     versions = {}
     for p in _PACKAGES:
@@ -36,9 +46,10 @@ def collect() -> Dict:
     if torch.cuda.is_available():
         device = {"type": "cuda", "name": torch.cuda.get_device_name(0),
                   "count": torch.cuda.device_count(), "cuda": torch.version.cuda}
-    else:
+    else:  # the model and the kernels torch picked (AVX2 / AVX512): floats differ between them
         device = {"type": "cpu", "name": platform.processor() or platform.machine(),
-                  "threads": torch.get_num_threads()}
+                  "threads": torch.get_num_threads(), "model": _cpu_model(),
+                  "isa": torch.backends.cpu.get_cpu_capability()}
     return {
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
