@@ -98,7 +98,8 @@ def test_step0_loss_is_recorded_and_a_far_start_is_warned(tmp_path, monkeypatch,
     losses = iter([1.0, 2.0, 1.5])  # pre-trained, step 0, after training
     monkeypatch.setattr(runner_mod.Runner, "target_loss", lambda self, model, method=None: next(losses))
     with caplog.at_level(logging.WARNING, logger="badit_exp.training.runner"):
-        m = run_tiny(tmp_path / "r", tiny_overrides(tmp_path, extra=["trainer.epochs=1"]))
+        m = run_tiny(tmp_path / "r", tiny_overrides(tmp_path, extra=[
+            "trainer.epochs=1", "trainer.step0_examples=16"]))
     assert m["target_loss"] == {"pretrained": 1.0, "step0": 2.0, "final": 1.5,
                                 "examples": 12}  # 3 tasks x 4 examples < 16
     assert "starts 100% above the pre-trained model's target loss" in caplog.text

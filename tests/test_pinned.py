@@ -42,7 +42,7 @@ def _losses(run_dir):
 
 def test_lora_mixed_loss_trace_and_scores(tmp_path, superni):
     d = tmp_path / "r"
-    m = run_tiny(d, tiny_overrides(tmp_path, extra=["method=lora"]))
+    m = run_tiny(d, tiny_overrides(tmp_path, extra=["method=lora", "trainer.step0_examples=16"]))
     assert _losses(d) == pytest.approx(LORA_MIXED_LOSSES, rel=1e-5)
     for k, v in LORA_MIXED_TARGET.items():
         assert m["target_loss"][k] == pytest.approx(v, rel=1e-5)
