@@ -190,3 +190,30 @@ def test_an_unreachable_hub_model_is_one_line_naming_hub_id(monkeypatch):
         load_tokenizer(cfg.model, Path("/nonexistent"))
     msg = str(e.value)
     assert "model.hub_id='Qwen/Qwen3-8B'" in msg and "local copy" in msg and "\n" not in msg
+
+
+def test_a_method_registered_after_the_first_composition_gets_its_schema(monkeypatch):
+    """register_configs skips the ConfigStore when nothing changed (a fifth of a composition);
+    a method registered later (a plugin, a notebook) must still get its schema stored."""
+    import dataclasses
+
+    from hydra.core.config_store import ConfigStore
+
+    from badit_exp.compose import register_configs
+    from badit_exp.methods import registry
+    from badit_exp.methods.base import MethodConfig
+
+    compose_cfg(["scale=tiny"])  # the store is current
+
+    @dataclasses.dataclass
+    class LateConfig(MethodConfig):
+        late_knob: int = 3
+
+    monkeypatch.setitem(registry._REGISTRY, "zz_late", (LateConfig, type("Late", (), {})))
+    group = ConfigStore.instance().repo["method"]
+    assert "schema_zz_late.yaml" not in group
+    register_configs()
+    node = ConfigStore.instance().repo["method"]["schema_zz_late.yaml"].node
+    assert node.late_knob == 3
+    register_configs()  # unchanged: stored once, still there
+    assert "schema_zz_late.yaml" in ConfigStore.instance().repo["method"]
