@@ -237,7 +237,7 @@ def _fake_run(root: Path, split: str, mode: str, method: str, lr: float, seed: i
     from badit_exp.tuning import fmt_lr
 
     d = root / "runs" / f"{split}-{mode}-{method}-lr{fmt_lr(lr)}-seed{seed}"
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)  # exists: a rerun replaces it
     rows = [{"task": f"t{i % 3}", "id": f"e{i}", "rougeL": s, "exact_match": 0.0,
              "loss": loss, "prediction": "x"} for i, s in enumerate(scores)]
     (d / "examples.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -440,9 +440,10 @@ def test_the_study_refuses_a_rate_at_its_grids_edge(tmp_path, capsys):
     assert "method=badit" in capsys.readouterr().out
 
 
-def _fake_pool(tmp_path, score, log):
+def _fake_pool(tmp_path, score, log, matrix=None):
     """A worker pool that runs nothing: the first started run ends first and writes its
-    committed files with hold-out ROUGE-L ``score[method][lr]`` (test runs: 50)."""
+    committed files with hold-out ROUGE-L ``score[method][lr]`` (test runs: 50) and
+    ``matrix`` as its score matrix."""
     class FakePool:
         def __init__(self, study, dry_run=False, scope=None):
             self.study, self.running, self.failed = study, {}, []
@@ -461,7 +462,7 @@ def _fake_pool(tmp_path, score, log):
             s = next(v for k, v in score[spec.method].items() if abs(k - spec.lr) < 1e-9 * k) \
                 if spec.split == "holdout" else 50
             _fake_run(tmp_path, spec.split, spec.mode, spec.method, spec.lr, spec.seed,
-                      [s] * 6, 2.0)
+                      [s] * 6, 2.0, matrix)
             log.append(("end", spec))
             return spec
     return FakePool
@@ -495,6 +496,33 @@ def test_a_restarted_controller_extends_a_grid_an_earlier_one_finished(tmp_path,
     assert S.tune_and_run(study, "sequential", ["gainlora"], [1, 2]) == 0
     assert [sp for ev, sp in log if ev == "start"] == [
         S.RunSpec("test", "sequential", "gainlora", 3e-4, 2)]
+
+
+def test_a_required_rerun_covers_the_rates_an_earlier_controller_added(tmp_path, monkeypatch):
+    """Measured (session 16): the reruns that `requires` asks for (the loss matrix) covered the
+    rates of the study file's grid only; a committed extension (`lora_r32`'s 3e-3, `badit`'s
+    3e-5) stayed without its loss matrix, so the frontier could never switch to the loss-based
+    Forget. A restart reruns every committed rate of the grid, extensions included, before the
+    method's study runs."""
+    from badit_exp import study as S
+
+    score = {"lora_r32": {1e-4: 20, 3e-4: 22, 1e-3: 25, 3e-3: 15}}
+    for lr, s in score["lora_r32"].items():  # an earlier controller's grid, extended to 3e-3
+        _fake_run(tmp_path, "holdout", "sequential", "lora_r32", lr, 1, [s] * 6, 2.0)
+    log = []
+    monkeypatch.setattr(S, "Pool", _fake_pool(tmp_path, score, log, matrix=[[1.0, 2.0, 3.0]] * 3))
+    study = OmegaConf.create({
+        "name": "t", "results_dir": str(tmp_path), "workers": 1, "study_experiment": "study2_cpu",
+        "requires": {"sequential": ["matrix.summary"]}, "study": {"sequential": {"forward": False}},
+        "tune": {"seed": 1, "max_extensions": 1,
+                 "grids": {"sequential": {"lora_r32": [1e-4, 3e-4, 1e-3]}}}})
+    assert S.tune_and_run(study, "sequential", ["lora_r32"], [1]) == 0
+    starts = [sp for ev, sp in log if ev == "start"]
+    assert starts == [S.RunSpec("holdout", "sequential", "lora_r32", lr, 1)
+                      for lr in (1e-4, 3e-4, 1e-3, 3e-3)] + \
+        [S.RunSpec("test", "sequential", "lora_r32", 1e-3, 1)]
+    log.clear()  # all there now: a restart starts nothing
+    assert S.tune_and_run(study, "sequential", ["lora_r32"], [1]) == 0 and not log
 
 
 def test_tune_and_run_starts_a_methods_study_once_its_rate_is_settled(tmp_path, monkeypatch):

@@ -294,19 +294,21 @@ def tune_and_run(study, mode: str, methods: Sequence[str], seeds: Sequence[int],
     seed = int(study.tune.seed)
     pool = Pool(study, dry_run, scope=selection(mode, methods))
     forward = forward_runs(study, mode)
-    # interleave methods so every method's curve fills in early
-    queue = [RunSpec("holdout", mode, m, float(grids[m][i]), seed)
-             for i in range(max(len(grids[m]) for m in methods)) for m in methods
-             if i < len(grids[m])]
+    by_mode = {mode: R.choices_from(R.load_runs(_path(study.results_dir)), mode)}
+    # extensions already made (by an earlier controller): the committed rates off the grid
+    extra = {m: [x for x in (by_mode[mode][m].grid if m in by_mode[mode] else [])
+                 if all(abs(x - float(y)) > 1e-9 * x for y in grids[m])] for m in methods}
+    extensions = {m: len(extra[m]) for m in methods}
+    # interleave methods so every method's curve fills in early; the committed extensions
+    # belong to the grid too (a run the study now requires again is rerun at them as well)
+    full = {m: [float(x) for x in grids[m]] + extra[m] for m in methods}
+    queue = [RunSpec("holdout", mode, m, full[m][i], seed)
+             for i in range(max(len(full[m]) for m in methods)) for m in methods
+             if i < len(full[m])]
     # each (method, seed)'s test run, then (for Forward) its single-task run at the same rate
     tests = [(m, int(s), "test") for s in seeds for m in methods]
     if forward:
         tests += [(m, int(s), "single") for s in seeds for m in methods]
-    by_mode = {mode: R.choices_from(R.load_runs(_path(study.results_dir)), mode)}
-    # extensions already made (by an earlier controller): the committed rates off the grid
-    extensions = {m: sum(1 for x in (by_mode[mode][m].grid if m in by_mode[mode] else [])
-                         if all(abs(x - float(y)) > 1e-9 * x for y in grids[m]))
-                  for m in methods}
     dry_started: List[RunSpec] = []  # dry run: the tuning runs it would start
 
     def extend(m: str) -> None:
