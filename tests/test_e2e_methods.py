@@ -21,12 +21,15 @@ def test_mixture_methods_end_to_end(tmp_path, method):
     d = tmp_path / "r"
     t = m["timing"]["mixed"]
     assert t["last_loss"] < t["first_loss"]
-    stats = json.loads((d / "router_stats.json").read_text())
+    text = (d / "router_stats.json").read_text()
+    assert text.count("\n") == 1  # one compact line: it is committed with every study run
+    stats = json.loads(text)
     usage = stats["stages"]["mixed"]
     assert set(usage) == set(TASKS2)
     for task in TASKS2:
         for w in usage[task].values():
             assert len(w) == stats["num_experts"] and abs(sum(w) - 1) < 1e-4  # routing shares
+            assert all(x == round(x, 6) for x in w)  # to 6 decimals
     assert (d / "router_usage_mixed.png").exists()
     dog = d / "dog_log.jsonl"
     assert m["target_loss"]["step0"] > 0 and m["target_loss"]["final"] < m["target_loss"]["step0"]

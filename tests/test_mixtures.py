@@ -140,9 +140,12 @@ def test_the_issue_cli_run_writes_metrics(tmp_path, method):
     d = tmp_path / "r"
     m = run_cli(d, method, tasks=TASKS3[:2])
     assert m["method"] == method and m["rouge"] is not None
-    stats = json.loads((d / "router_stats.json").read_text())
+    text = (d / "router_stats.json").read_text()
+    assert text.count("\n") == 1  # one compact line: it is committed with every study run
+    stats = json.loads(text)
     for layer, w in stats["stages"]["mixed"][TASKS3[0]].items():
         assert len(w) == stats["num_experts_per_layer"][layer] and abs(sum(w) - 1) < 1e-4
+        assert all(x == round(x, 6) for x in w)  # shares to 6 decimals
     assert (d / "router_usage_mixed.png").exists()
 
 

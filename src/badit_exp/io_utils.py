@@ -26,8 +26,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, compact: bool = False) -> None:
+    """``obj`` as JSON, indented (``compact``: one line, for large diagnostics)."""
+    atomic_write_text(path, json.dumps(obj, allow_nan=False, **(
+        {"separators": (",", ":")} if compact else {"indent": 2})) + "\n")
 
 
 def write_jsonl(path: str | Path, rows) -> None:
