@@ -597,7 +597,8 @@ def test_claims_table_verdicts():
         "badit_wo_dog-badit": {"rougeL": [3.2, 0.7, 6.5], "per_seed": [7.3, 4.0, -1.6]}}},
         "sequential": {"pairs": {"badit-lora_r32": {
             "rougeL": [0.0, -1.0, 1.0], "per_seed": [0.1, -0.1],
-            "forget": {"diff": [2.0, 1.0, 3.0], "per_seed": [2.0, 2.0]}}}}}
+            "forget": {"diff": [2.0, 1.0, 3.0], "per_seed": [2.0, 2.0]},
+            "loss_forget": {"diff": [-0.2231, -0.39, -0.114], "per_seed": [-0.2, -0.25]}}}}}
     rows = {r.split(" | ")[1]: r for r in claims_table(study)[2:]}
     assert rows["BADIT scores above LoRA at equal size (rank 32)"].endswith("| supported |")
     assert "unresolved: the interval" in rows["BADIT scores above LoRA (rank 4, the paper's baseline)"]
@@ -605,6 +606,10 @@ def test_claims_table_verdicts():
     assert "one seed so far" in rows["BADIT interferes less than LoRAMoE (Forward)"]
     assert "Forward -3.00 [-5.00, -1.00]" in rows["BADIT interferes less than LoRAMoE (Forward)"]
     assert rows["BADIT forgets less than LoRA (rank 32)"].endswith("| contradicted |")
+    # the loss-based Forget: its own row, in nats with three digits, lower supports the claim
+    loss = rows["BADIT forgets less than LoRA (rank 32), from the target loss"]
+    assert "Forget (loss, nats) -0.223 [-0.390, -0.114]" in loss and loss.endswith("| supported |")
+    assert "not measured yet" in rows["BADIT forgets less than LoRAMoE, from the target loss"]
     dog = next(r for r in claims_table(study)[2:] if r.startswith("| mixed | DOG helps"))
     assert "not measured yet" in rows["DOG helps (BADIT vs BADIT without DOG)"]  # sequential
     assert "ROUGE-L -3.20 [-6.50, -0.70]" in dog

@@ -624,6 +624,10 @@ CLAIMS = [
     ("sequential", "BADIT ends above LoRAMoE", "badit", "loramoe", "rougeL", 1),
     ("sequential", "BADIT forgets less than LoRA (rank 32)", "badit", "lora_r32", "forget", -1),
     ("sequential", "BADIT forgets less than LoRAMoE", "badit", "loramoe", "forget", -1),
+    ("sequential", "BADIT forgets less than LoRA (rank 32), from the target loss", "badit",
+     "lora_r32", "loss_forget", -1),
+    ("sequential", "BADIT forgets less than LoRAMoE, from the target loss", "badit", "loramoe",
+     "loss_forget", -1),
     ("sequential", "DOG helps (BADIT vs BADIT without DOG)", "badit", "badit_wo_dog", "rougeL", 1),
 ]
 
@@ -653,15 +657,17 @@ def claims_table(study_out: Dict) -> List[str]:
     for mode, claim, a, b, metric, better in CLAIMS:
         pairs = (study_out.get(mode) or {}).get("pairs", {})
         got = _pair(pairs, a, b, metric)
-        name = {"rougeL": "ROUGE-L", "forward": "Forward", "forget": "Forget"}[metric]
+        name = {"rougeL": "ROUGE-L", "forward": "Forward", "forget": "Forget",
+                "loss_forget": "Forget (loss, nats)"}[metric]
+        f = ".3f" if metric.startswith("loss_") else ".2f"  # nats want a third digit
         if got is None:
             rows.append(f"| {mode} | {claim} | not measured yet ({a}, {b}: {name}) | | — |")
             continue
         d, lo, hi, per = got
         verdict = T.seed_verdict(lo, hi, per)
         if len(per) < 2:  # one seed says nothing of the spread over seeds
-            rows.append(f"| {mode} | {claim} | {name} {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
-                        + ", ".join(f"{z:+.2f}" for z in per)
+            rows.append(f"| {mode} | {claim} | {name} {d:+{f}} [{lo:+{f}}, {hi:+{f}}] | "
+                        + ", ".join(f"{z:+{f}}" for z in per)
                         + " | unresolved: one seed so far (a verdict needs two or more) |")
             continue
         if verdict.startswith("measurably"):
@@ -675,13 +681,13 @@ def claims_table(study_out: Dict) -> List[str]:
         else:
             half = (hi - lo) / 2
             factor = (half / abs(d)) ** 2 if abs(d) > 1e-9 else float("inf")
-            verdict = (f"unresolved: the interval (half-width {half:.2f}) rules out effects "
-                       f"beyond {max(abs(lo), abs(hi)):.2f}; resolving {abs(d):.2f} needs a "
+            verdict = (f"unresolved: the interval (half-width {half:{f}}) rules out effects "
+                       f"beyond {max(abs(lo), abs(hi)):{f}}; resolving {abs(d):{f}} needs a "
                        "half-width below it, "
                        + (f"about {max(1.0, factor):.0f}x the units (seeds x test examples)"
                           if factor <= 100 else "over 100x the units: no affordable study"))
-        rows.append(f"| {mode} | {claim} | {name} {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
-                    + ", ".join(f"{z:+.2f}" for z in per) + f" | {verdict} |")
+        rows.append(f"| {mode} | {claim} | {name} {d:+{f}} [{lo:+{f}}, {hi:+{f}}] | "
+                    + ", ".join(f"{z:+{f}}" for z in per) + f" | {verdict} |")
     return rows
 
 
