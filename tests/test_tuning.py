@@ -639,13 +639,26 @@ def test_frontier_statements_against_the_baselines_curve(tmp_path):
             _front_run("good", 1e-3, 26.0, 5.0),       # left of the curve, above its first point
             _front_run("same", 1e-4, 22.0, 20.0, noise=0.1),
             _front_run("weak", 1e-4, 10.0, 5.0), _front_run("weak", 1e-3, 12.0, 25.0)]
+    close = _front_run("close", 1e-4, 20.0, 0.0)  # left of the curve by 0.17, within the noise
+    close["forget_units"] = {(1, "t0"): 9.0, (1, "t1"): 11.0, (1, "t2"): 9.5}
+    runs.append(close)
     out = frontier_table(runs, tmp_path)
     assert out["metric"] == "rougeL"  # no loss matrix in these runs
     assert out["verdicts"] == {"good": ["above", "above"], "same": ["within the noise"],
-                               "weak": ["outside", "below"]}
+                               "weak": ["outside", "below"], "close": ["outside"]}
     md = (tmp_path / "frontier_sequential.md").read_text()
     assert "- **good**: above lora_r32's curve beyond the noise (2 of 2 rates above)" in md
     assert "- **weak**: below lora_r32's curve beyond the noise" in md
+    assert ("- **close**: not beyond the noise of lora_r32's curve (1 of 1 rates outside); left "
+            "of the curve: 0 of 1 points forget measurably less") in md
+    # a point left of the curve says whether it forgets less beyond Forget's own noise
+    # (these units are one value per task, so the interval is the point: 5 - 10)
+    weak = next(x for x in md.splitlines() if x.startswith("| weak | 1e-4"))
+    assert "Forget -5.00 [-5.00, -5.00] against that point over 3 tasks: measurably less" in weak
+    close = next(x for x in md.splitlines() if x.startswith("| close |"))
+    assert "Forget -0.17 [" in close and "over 3 tasks: not measurably less" in close
+    assert "against that point" not in next(x for x in md.splitlines()
+                                            if x.startswith("| same |"))
     assert "{baseline}" not in md and (tmp_path / "frontier_sequential.png").stat().st_size > 0
 
 

@@ -502,6 +502,20 @@ def _gap_to_front(run: Dict, fg: float, seg: List) -> Tuple[float, float, float]
                               n_resamples=2999)
 
 
+def _forget_gap(run: Dict, base: Dict, key: str, loss: bool) -> str:
+    """A point left of the baseline's curve: its Forget minus that of the baseline's
+    least-forgetting point, paired over the (seed, task) units both have, as a note."""
+    keys = [k for k in run[key] if k in base[key]]
+    if len(keys) < 2:
+        return ""
+    d, lo, hi = T.paired_bootstrap(np.array([run[key][k] for k in keys]),
+                                   np.array([base[key][k] for k in keys]), n_resamples=2999)
+    f = ".3f" if loss else ".2f"
+    word = "measurably less" if hi < 0 else "not measurably less"
+    return (f"; Forget {d:+{f}} [{lo:+{f}}, {hi:+{f}}] against that point over {len(keys)} "
+            f"tasks: {word}")
+
+
 def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r32",
                    choices: Optional[Dict[str, T.Choice]] = None) -> Optional[Dict]:
     """The plasticity-forgetting frontier of the sequential tuning runs (hold-out): per method
@@ -524,6 +538,7 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
         pts[m].sort()
     base = pts.get(baseline)
     verdicts: Dict[str, List[str]] = {}
+    left: Dict[str, List[bool]] = {}  # per point left of the curve: Forget measurably less?
     rows = []
     for m, ps in pts.items():
         for lr, fg, rg, r in ps:
@@ -545,6 +560,10 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
                     f"forgets less than any {baseline} point; not more final score than its "
                     "least-forgetting one beyond the noise (left of its curve)" if verdict == "outside"
                     else verdict)
+                if fg < seg[0][1]:  # is "forgets less" itself beyond Forget's noise?
+                    gapf = _forget_gap(r, seg[0][3], key, use_loss)
+                    note += gapf
+                    left.setdefault(m, []).append(gapf.endswith(": measurably less"))
                 verdicts.setdefault(m, []).append(verdict)
             chosen = choices.get(m).lr if choices and m in choices else None
             rows.append(f"| {m} | {T.fmt_lr(lr)}{' (chosen)' if chosen == lr else ''} | "
@@ -563,7 +582,9 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
         summary.append(f"- **{m}**: " + (
             f"{head} {baseline}'s curve beyond the noise" if head in ("above", "below") else
             f"above {baseline}'s curve at some rates, below at others" if head == "mixed" else
-            f"not beyond the noise of {baseline}'s curve") + f" ({'; '.join(parts)})")
+            f"not beyond the noise of {baseline}'s curve") + f" ({'; '.join(parts)})"
+            + (f"; left of the curve: {sum(left[m])} of {len(left[m])} points forget measurably "
+               f"less than its least-forgetting point" if left.get(m) else ""))
     if any("outside" in v for v in verdicts.values()):
         summary.append(f"\n'outside': the point forgets less than every point of {baseline}'s "
                        "curve, and does not score more than its least-forgetting one beyond the "
@@ -575,7 +596,9 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
              f"forgetting ({baseline}'s frontier: its undominated points joined linearly, flat "
              "beyond the last); the interval is a paired 95% bootstrap over the same hold-out "
              "examples (the method's point against the frontier's two points around its Forget, "
-             "mixed as the interpolation mixes them); Forget's own noise is not in it.", "",
+             "mixed as the interpolation mixes them); Forget's own noise is not in it. For a "
+             "point left of the curve, its Forget minus that of the baseline's least-forgetting "
+             "point follows, paired over the tasks (95% bootstrap).", "",
              "| method | lr | final ROUGE-L | Forget | against the curve |", "|---|---|---|---|---|",
              *rows, "", *summary]
     atomic_write_text(out_dir / "frontier_sequential.md", "\n".join(lines) + "\n")
