@@ -359,3 +359,38 @@ def test_the_gpu_study_plan_prints_every_run_validated_with_its_cost(capsys):
     for r in runs:
         mine[(r.spec.method, r.spec.mode)] += r.gpu_hours
     assert f"| BADIT | badit | 9 | {mine[('badit', 'mixed')]:.0f} | " in out  # 3 tune, 3 test, 3 single
+
+
+def test_study_lanes_script_runs_each_lanes_steps_in_order(tmp_path):
+    """scripts/study_lanes.sh: each lane runs its MODE:METHODS steps one after the other as
+    one-worker `study all` controllers, lanes side by side; a malformed step is refused."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "study_lanes.sh"
+    shutil.copy(root / "scripts" / "study_lanes.sh", script)
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fakepy"  # stands in for the venv's python: records each controller
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then echo res; exit 0; fi\n'
+                    f'echo "$OMP_NUM_THREADS $*" >> {calls}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake))
+    bad = subprocess.run(["bash", str(script), "mixed-lora"], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "is not MODE:METHODS" in bad.stderr
+    ok = subprocess.run(["bash", str(script), "sequential:a,b mixed:c", "mixed:d"], env=env,
+                        capture_output=True, text=True, check=True)
+    assert "lane 1: pid" in ok.stdout and "lane 2: pid" in ok.stdout
+    for _ in range(100):
+        logs = [tmp_path / "outputs" / "lanes" / f"lane{i}.log" for i in (1, 2)]
+        if all(p.is_file() and "done" in p.read_text() for p in logs):
+            break
+        time.sleep(0.05)
+    got = calls.read_text().splitlines()
+    study = "-m badit_exp.study all --study study2_cpu --mode"
+    assert len(got) == 3 and all(g.startswith("1 ") for g in got)  # one thread each
+    lane1 = [g for g in got if "--methods d" not in g]
+    assert lane1 == [f"1 {study} sequential --workers 1 --methods a,b",
+                     f"1 {study} mixed --workers 1 --methods c"]
+    assert f"1 {study} mixed --workers 1 --methods d" in got
