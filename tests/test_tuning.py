@@ -232,7 +232,7 @@ def test_mean_std_single_seed_is_unknown():
 
 
 def _fake_run(root: Path, split: str, mode: str, method: str, lr: float, seed: int,
-              scores, loss: float, matrix=None):
+              scores, loss: float, matrix=None, loss_matrix=None):
     from badit_exp import metrics as M
     from badit_exp.tuning import fmt_lr
 
@@ -250,7 +250,9 @@ def _fake_run(root: Path, split: str, mode: str, method: str, lr: float, seed: i
         "eval_split": split, "eval_target_loss": loss,
         "forget_rate": M.forget_rate(matrix) if matrix else None,
         "backward": M.backward(matrix) if matrix else None,
-        "tasks": ["t0", "t1", "t2"], "matrix": {"summary": matrix} if matrix else None,
+        "tasks": ["t0", "t1", "t2"],
+        "matrix": dict({"summary": matrix}, **({"loss": loss_matrix} if loss_matrix else {}))
+        if matrix else None,
         "timing": {"mixed": {"train_s": 60.0, "eval_s": 30.0}},
         "provenance": {"device": {"type": "cpu"}},
         "config": {"model": {"name": "smollm2-135m"}, "trainer": {"lr": lr, "epochs": 2,
@@ -298,7 +300,7 @@ def test_report_from_hand_made_run_dirs(tmp_path):
     assert json.loads((tmp_path / "study.json").read_text())["study"]["mixed"]["rows"]["lora"]
 
 
-def test_sequential_report_pairs_forget_and_backward_over_seed_and_task(tmp_path):
+def test_sequential_report_pairs_forget_and_backward_over_seed_and_task(tmp_path, monkeypatch):
     """Forget / Backward differences are paired over (seed, task) shares of each run's matrix:
     the mean difference is that of the table's columns; a method that keeps every task at its
     peak forgets measurably less than one that loses 30 points on each, with the same ROUGE-L
@@ -314,13 +316,29 @@ def test_sequential_report_pairs_forget_and_backward_over_seed_and_task(tmp_path
         e = [2.0, -2.0, 0.0] if seed == 1 else [-1.0, 1.0, 0.0]
         noisy = keep[:2] + [[x + y for x, y in zip(peak, e)]]  # forget terms -2, +2 / +1, -1
         scores = np.repeat(peak, 10)[np.argsort(np.tile([0, 1, 2], 10), kind="stable")]
-        _fake_run(tmp_path, "test", "sequential", "badit", 3e-4, seed, scores, 1.5, keep)
-        _fake_run(tmp_path, "test", "sequential", "lora_r32", 1e-3, seed, scores, 1.5, lose)
+        # loss matrices: badit's tasks keep their loss, lora_r32's rise by 0.5 nats
+        low = [[1.0, 3, 3], [1.0, 1.0, 3], [1.0, 1.0, 1.0]]
+        rise = [[1.0, 3, 3], [1.5, 1.0, 3], [1.5, 1.5, 1.0]]
+        _fake_run(tmp_path, "test", "sequential", "badit", 3e-4, seed, scores, 1.5, keep, low)
+        _fake_run(tmp_path, "test", "sequential", "lora_r32", 1e-3, seed, scores, 1.5, lose,
+                  rise)
         _fake_run(tmp_path, "test", "sequential", "loramoe", 1e-3, seed, scores, 1.5, noisy)
     study = OmegaConf.create({"results_dir": str(tmp_path), "baselines": ["lora_r32", "badit"],
                               "study": {"sequential": {"methods": ["lora_r32", "badit"]}}})
+    from badit_exp import plotting
+
+    panels = {}
+    real = plotting.study_points
+    monkeypatch.setattr(plotting, "study_points", lambda path, pts, pn, title: (
+        panels.update({Path(path).name: pn}), real(path, pts, pn, title)))
     out = report(study)
     rows, pairs = out["study"]["sequential"]["rows"], out["study"]["sequential"]["pairs"]
+    # the forest plot has a loss-based Forget panel; lower is better, so it is coloured so
+    lf = pairs["badit-lora_r32"]["loss_forget"]
+    assert lf["diff"][0] == pytest.approx(-0.5) and lf["verdict"] == "measurably lower"
+    title, vals, sign = panels["study_sequential.png"][0][-1]
+    assert title.startswith("Forget (loss) − lora_r32") and sign == -1
+    assert vals["badit"][1] == "measurably lower"
     fg = pairs["badit-lora_r32"]["forget"]
     assert fg["diff"][0] == pytest.approx(
         np.mean(rows["badit"]["forget_rate"]) - np.mean(rows["lora_r32"]["forget_rate"]))

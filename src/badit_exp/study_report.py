@@ -400,14 +400,14 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
     bases = [b for b in baselines if b in by]
     against = {b: {k.rsplit("-" + b, 1)[0]: v for k, v in pair_data.items()
                    if k.endswith("-" + b)} for b in bases}
-    cols = [k for k in ("forward", "forget", "backward")
+    cols = [k for k in ("forward", "forget", "backward", "loss_forget")
             if any(v.get(k) for b in bases for v in against[b].values())]
     for base in bases:
         line = [(f"ROUGE-L − {base} (paired bootstrap 95% CI)",
                  {m: (v["rougeL"], v["verdict"]) for m, v in against[base].items()}, 1)]
         for k in cols:
-            sign = -1 if k == "forget" else 1
-            line.append((f"{k.capitalize()} − {base} (95% CI; "
+            sign = -1 if k in ("forget", "loss_forget") else 1
+            line.append((f"{CL_NAMES[k]} − {base} (95% CI; "
                          f"{'higher' if sign > 0 else 'lower'} is better)",
                          {m: (v[k]["diff"], v[k]["verdict"])
                           for m, v in against[base].items() if v.get(k)}, sign))
