@@ -165,14 +165,22 @@ def frontier(path: Path, curves, title: str, xlabel: str) -> None:
         curves: {method: [(forget, score, rate label, chosen), ...]} sorted by rate.
     """
     fig, ax = plt.subplots(figsize=(7, 4.8))
+    # a diverged rate far right would squeeze every other point into a corner: points beyond
+    # twice the 90th percentile of Forget are drawn at that edge as ">", their value in the label
+    every = [p[0] for pts in curves.values() for p in pts]
+    cut = 2 * float(np.percentile(every, 90)) if every else 0.0
+    cut = cut if cut > 0 and max(every) > cut else float("inf")
     for i, (method, pts) in enumerate(curves.items()):
         color = plt.cm.tab10(i % 10)
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        xs, ys = [min(p[0], cut) for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, marker="o", color=color, label=method,
                 linewidth=2.5 if method == "lora_r32" else 1.5)
-        for x, y, lab, chosen in pts:
+        for (x0, y, lab, chosen), x in zip(pts, xs):
+            if x0 > cut:
+                ax.scatter([x], [y], marker=">", s=80, color=color, zorder=3)
+                lab = f"{lab} (Forget {x0:.3g}, off the axis)"
             ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                        color=color)
+                        color=color, ha="right" if x0 > cut else "left")
             if chosen:
                 ax.scatter([x], [y], s=160, facecolors="none", edgecolors=color, linewidths=2)
     ax.set_xlabel(xlabel)
