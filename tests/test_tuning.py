@@ -300,6 +300,43 @@ def test_report_from_hand_made_run_dirs(tmp_path):
     assert json.loads((tmp_path / "study.json").read_text())["study"]["mixed"]["rows"]["lora"]
 
 
+def test_report_rewrites_the_docs_tables_from_the_results(tmp_path):
+    """A document's ``table:<study>/<file>#<n>`` block is rewritten from the report's file
+    (optionally only some columns), so docs cannot drift from the results; other studies'
+    blocks stay; a block naming a missing column says which columns there are. And a rate
+    written as 0.00030000000000000003 (an old ladder step) is the 3e-4 column, not a second."""
+    from badit_exp.study_report import report, update_doc_tables
+
+    _fake_run(tmp_path, "holdout", "mixed", "lora", 1e-3, 1, [20] * 30, 2.0)
+    _fake_run(tmp_path, "holdout", "mixed", "lora", 3e-3, 1, [30] * 30, 1.9)
+    _fake_run(tmp_path, "holdout", "mixed", "lora", 1e-2, 1, [25] * 30, 2.1)
+    _fake_run(tmp_path, "holdout", "mixed", "lora", 3e-4, 1, [10] * 30, 2.2)
+    _fake_run(tmp_path, "holdout", "mixed", "badit", 3 * 10 ** -4, 1, [22] * 30, 2.0)
+    _fake_run(tmp_path, "holdout", "mixed", "badit", 1e-3, 1, [26] * 30, 2.0)
+    _fake_run(tmp_path, "holdout", "mixed", "badit", 1e-4, 1, [21] * 30, 2.0)
+    report(OmegaConf.create({"results_dir": str(tmp_path), "baselines": ["lora"],
+                             "study": {}}))
+    tune = (tmp_path / "tune_mixed.md").read_text()
+    assert "| method | 1e-4 | 3e-4 | 1e-3 | 3e-3 | 1e-2 | chosen | interior |" in tune
+    tag = "(written by `python -m badit_exp.study report`) -->"
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n<!-- table:s1/tune_mixed.md#1 {tag}\nstale\n<!-- /table -->\n"
+                   f"<!-- table:s1/tune_mixed.md#1 columns=method;chosen {tag}\n<!-- /table -->\n"
+                   f"<!-- table:other/tune_mixed.md#1 {tag}\nkept\n<!-- /table -->\nend\n")
+    assert update_doc_tables(doc, "s1", tmp_path) == 2
+    text = doc.read_text()
+    assert "stale" not in text and "kept" in text and text.startswith("intro\n")
+    assert "| badit | 21.00 (2.000) | 22.00 (2.000) | **26.00 (2.000)** |  |  |" in text
+    assert "| method | chosen |\n|---|---|\n| badit | 1e-3 |\n| lora | 3e-3 |\n<!--" in text
+    assert update_doc_tables(doc, "s1", tmp_path) == 2 and doc.read_text() == text  # stable
+    doc.write_text(f"<!-- table:s1/tune_mixed.md#1 columns=method;rate {tag}\n<!-- /table -->\n")
+    with pytest.raises(ValueError, match=r"no column \['rate'\].*'chosen'"):
+        update_doc_tables(doc, "s1", tmp_path)
+    doc.write_text(f"<!-- table:s1/tune_mixed.md#2 {tag}\n<!-- /table -->\n")
+    with pytest.raises(ValueError, match="has 1 table"):
+        update_doc_tables(doc, "s1", tmp_path)
+
+
 def test_sequential_report_pairs_forget_and_backward_over_seed_and_task(tmp_path, monkeypatch):
     """Forget / Backward differences are paired over (seed, task) shares of each run's matrix:
     the mean difference is that of the table's columns; a method that keeps every task at its

@@ -17,6 +17,7 @@ target loss, prediction) and, for matrices, ``scores.csv``. Tables:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -85,7 +86,9 @@ def load_runs(results_dir: Path) -> List[Dict]:
         met["forget_units"], met["backward_units"] = _cl_units(met)
         met["loss_forget_units"], met["loss_backward_units"] = _loss_cl_units(met)
         met["split"] = "holdout" if met.get("eval_split") == "holdout" else "test"
-        met["lr"] = float(met.get("lr") or met["config"]["trainer"]["lr"])
+        # 6 significant digits: a run made before the ladder parsed its rates from text
+        # trained at 3 * 10 ** -4 = 0.00030000000000000003, the same rate as 3e-4
+        met["lr"] = float(f"{float(met.get('lr') or met['config']['trainer']['lr']):.6g}")
         out.append(met)
     singles = {(r["method"], r["lr"], r["seed"], r["split"]): r for r in out
                if r["mode"] == "single"}
@@ -714,26 +717,87 @@ def claims_table(study_out: Dict) -> List[str]:
     return rows
 
 
-def readme_block(name: str) -> Tuple[str, str]:
-    return f"<!-- claims:{name} (written by `python -m badit_exp.study report`) -->", \
-        "<!-- /claims -->"
+# ---------------------------------------------------------------------------- docs' tables
+# A document quotes a report table between two markers, and the report rewrites what lies
+# between them, so the README and docs/ cannot drift from the committed results:
+#
+#   <!-- table:study2_cpu/study_mixed.md#1 columns=method;lr;ROUGE-L (written by `python -m badit_exp.study report`) -->
+#   <!-- /table -->
+#
+# ``study2_cpu`` names the study, ``study_mixed.md`` a file of its results folder, ``#1`` the
+# file's first markdown table, and the optional ``columns=`` (``;``-separated header names)
+# keeps those columns in that order.
+DOC_TABLE = re.compile(
+    r"(?P<start><!-- table:(?P<study>[\w.-]+)/(?P<file>[\w.-]+\.md)#(?P<n>\d+)"
+    r"(?: columns=(?P<cols>[^>]*?))? \(written by `python -m badit_exp\.study report`\) -->\n)"
+    r"(?P<body>.*?)(?P<end><!-- /table -->)", re.S)
 
 
-def update_readme(path: Path, name: str, table: List[str]) -> bool:
-    """Replace the README's claims block of study ``name`` (between :func:`readme_block`'s
-    markers) with ``table``, so the README and the report cannot disagree; False when the
-    README has no such block."""
+def md_tables(text: str) -> List[List[str]]:
+    """The markdown tables of ``text``, each as its lines (header, rule, rows)."""
+    tables: List[List[str]] = []
+    prev = False
+    for line in text.splitlines():
+        is_row = line.startswith("|")
+        if is_row and not prev:
+            tables.append([])
+        if is_row:
+            tables[-1].append(line)
+        prev = is_row
+    return tables
+
+
+def _cells(line: str) -> List[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def select_columns(table: List[str], columns: Sequence[str], where: str = "") -> List[str]:
+    """``table`` with only ``columns`` (header names), in that order."""
+    head = _cells(table[0])
+    missing = [c for c in columns if c not in head]
+    if missing:
+        raise ValueError(f"{where}: no column {missing} in the table; its columns: {head}")
+    idx = [head.index(c) for c in columns]
+    out = []
+    for k, line in enumerate(table):
+        cells = _cells(line)
+        out.append("|---" * len(idx) + "|" if k == 1 else
+                   "| " + " | ".join(cells[i] if i < len(cells) else "" for i in idx) + " |")
+    return out
+
+
+def update_doc_tables(path: Path, name: str, results_dir: Path) -> int:
+    """Rewrite every ``table:<name>/...`` block of ``path`` (see ``DOC_TABLE``) from the
+    results folder's files; returns how many blocks it holds. A block naming a file, table or
+    column the report did not write is an error naming the block and the fix."""
     if not path.is_file():
-        return False
-    start, end = readme_block(name)
+        return 0
     text = path.read_text()
-    i, j = text.find(start), text.find(end)
-    if i < 0 or j < i:
-        return False
-    new = text[:i] + start + "\n" + "\n".join(table) + "\n" + text[j:]
+    n = 0
+
+    def fill(m: "re.Match") -> str:
+        nonlocal n
+        if m["study"] != name:
+            return m[0]
+        n += 1
+        where = f"{path}: block {m['start'].strip()}"
+        src = Path(results_dir) / m["file"]
+        if not src.is_file():
+            raise ValueError(f"{where}: {src} does not exist (the report writes "
+                             f"{sorted(p.name for p in Path(results_dir).glob('*.md'))})")
+        tables = md_tables(src.read_text())
+        k = int(m["n"])
+        if not 1 <= k <= len(tables):
+            raise ValueError(f"{where}: {src.name} has {len(tables)} table(s), not #{k}")
+        table = tables[k - 1]
+        if m["cols"]:
+            table = select_columns(table, [c.strip() for c in m["cols"].split(";")], where)
+        return m["start"] + "\n".join(table) + "\n" + m["end"]
+
+    new = DOC_TABLE.sub(fill, text)
     if new != text:
         atomic_write_text(path, new)
-    return True
+    return n
 
 
 def report(study) -> Dict:
@@ -767,9 +831,10 @@ def report(study) -> Dict:
         table = claims_table(out["study"])
         atomic_write_text(res / "claims.md", "\n".join(head + table) + "\n")
         print((res / "claims.md").read_text())
-        update_readme(Path(__file__).resolve().parents[2] / "README.md", study.get("name", ""),
-                      table)
     atomic_write_json(res / "study.json", _clean(out))
+    root = Path(__file__).resolve().parents[2]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        update_doc_tables(doc, study.get("name", ""), res)
     return out
 
 
