@@ -361,14 +361,20 @@ def test_sequential_report_pairs_forget_and_backward_over_seed_and_task(tmp_path
                   rise)
         _fake_run(tmp_path, "test", "sequential", "loramoe", 1e-3, seed, scores, 1.5, noisy)
     study = OmegaConf.create({"results_dir": str(tmp_path), "baselines": ["lora_r32", "badit"],
-                              "study": {"sequential": {"methods": ["lora_r32", "badit"]}}})
+                              "study": {"sequential": {"methods": ["lora_r32", "badit"]}},
+                              "families": {"BADIT": ["badit"], "LoRA": ["lora_r32"]}})
     from badit_exp import plotting
 
-    panels = {}
+    panels, groups = {}, {}
     real = plotting.study_points
-    monkeypatch.setattr(plotting, "study_points", lambda path, pts, pn, title: (
-        panels.update({Path(path).name: pn}), real(path, pts, pn, title)))
+    monkeypatch.setattr(plotting, "study_points", lambda path, pts, pn, title, families=None: (
+        panels.update({Path(path).name: pn}),
+        groups.update({Path(path).name: list(zip([p[0] for p in pts], families))}),
+        real(path, pts, pn, title, families)))
     out = report(study)
+    # the figure's rows are grouped by family, in the study's family order (the rest: other)
+    assert groups["study_sequential.png"] == [("badit", "BADIT"), ("lora_r32", "LoRA"),
+                                             ("loramoe", "other")]
     rows, pairs = out["study"]["sequential"]["rows"], out["study"]["sequential"]["pairs"]
     # the forest plot has a loss-based Forget panel; lower is better, so it is coloured so
     lf = pairs["badit-lora_r32"]["loss_forget"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -191,7 +191,8 @@ def frontier(path: Path, curves, title: str, xlabel: str) -> None:
     _save(fig, path)
 
 
-def study_points(path: Path, rows, panels, title: str) -> None:
+def study_points(path: Path, rows, panels, title: str,
+                 families: Optional[Sequence[str]] = None) -> None:
     """Left: each method's ROUGE-L per seed (dots) and mean ± std (bar), its rate in the label.
     Then one panel per paired comparison: each method's difference to the baseline with its 95%
     interval (green: measurably better than the baseline, red: measurably worse, grey: neither,
@@ -203,6 +204,8 @@ def study_points(path: Path, rows, panels, title: str) -> None:
             else -1)], e.g. ROUGE-L, Forget and Backward differences to one baseline; a verdict
             "measurably higher/lower" colours the point. A list of such lists draws one line
             of panels per baseline (the seeds panel repeated at the left of each).
+        families: each row's family (rows grouped by it): a dashed line separates two
+            families in every panel and the family's name heads its group in the seeds panel.
     """
     lines = panels if panels and isinstance(panels[0], list) else [panels]
     ncol = 1 + max(len(p) for p in lines)
@@ -236,5 +239,13 @@ def study_points(path: Path, rows, panels, title: str) -> None:
             bx.grid(True, axis="x", alpha=0.3)
         for bx in bxs[len(line):]:
             bx.set_visible(False)
+        if families:
+            for i, fam in enumerate(families):
+                if i == 0 or fam != families[i - 1]:
+                    if i:
+                        for a in row_axes:
+                            a.axhline(ys[i] + 0.5, color="tab:gray", ls="--", lw=0.8)
+                    ax.annotate(fam, (0.01, ys[i] + 0.45), xycoords=("axes fraction", "data"),
+                                fontsize=8, color="tab:gray", va="top")
     fig.suptitle(title)
     _save(fig, path)

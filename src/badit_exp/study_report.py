@@ -418,7 +418,8 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
     plotting.study_points(
         out_dir / f"study_{mode}.png",
         [(m, "/".join(T.fmt_lr(x) for x in data[m]["lr"]), data[m]["rouge"]) for m in order],
-        panels, f"tuned study, {mode}: each method at its own rate ({len(mine)} runs)")
+        panels, f"tuned study, {mode}: each method at its own rate ({len(mine)} runs)",
+        [family.get(m, "other") for m in order] if families else None)
     return {"rows": data, "pairs": pair_data}
 
 
