@@ -294,6 +294,11 @@ def test_report_from_hand_made_run_dirs(tmp_path):
     assert lo < 0 < hi
     md = (tmp_path / "study_mixed.md").read_text()
     assert "| badit | 3e-4 | 2 |" in md and "measurably higher" in md
+    # the rows carry the first baseline's ROUGE-L difference, the baseline's own row a dash
+    row = {x.split(" | ")[0][2:]: x for x in md.splitlines() if x.startswith("| ")}
+    assert row["method"].endswith("| ROUGE-L − lora_r32 [95% CI] |")
+    assert row["badit"].endswith(" | +8.00 [{:+.2f}, {:+.2f}] |".format(
+        *pairs["badit-lora_r32"]["rougeL"][1:])) and row["lora_r32"].endswith("| — |")
     assert "no measurable difference" in md
     assert pairs["badit-lora_r32"]["per_seed"] == pytest.approx([8, 8])
     assert (tmp_path / "study_mixed.png").stat().st_size > 1000

@@ -314,7 +314,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
         if families:
             cells.insert(0, family.get(m, "other"))
             d["family"] = family.get(m, "other")
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
         data[m] = d
     pairs, pair_data, cl_pairs = [], {}, []
     for base in baselines:
@@ -360,6 +360,15 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                         T.seed_verdict(cl["diff"][1], cl["diff"][2], cl["per_seed"])
                         if not k.startswith("loss_") else _loss_verdict(cl)]
                 cl_pairs.append("| " + " | ".join(cells) + " |")
+    # the first baseline's ROUGE-L difference in each row, so one table carries the headline
+    first = next((b for b in baselines if b in by), None)
+    if first:
+        head += f" ROUGE-L − {first} [95% CI] |"
+        for m, cells in zip(order, rows):
+            p = pair_data.get(f"{m}-{first}")
+            cells.append("—" if m == first else "n/a" if p is None else
+                         "{:+.2f} [{:+.2f}, {:+.2f}]".format(*p["rougeL"]))
+    rows = ["| " + " | ".join(cells) + " |" for cells in rows]
     n_test = "/".join(str(n) for n in sorted({len(r["units"]) for r in mine}))
     budget = mine[0]["config"]
     dcfg, tcfg = budget["data"], budget["trainer"]
