@@ -671,6 +671,8 @@ def test_claims_table_verdicts():
     assert "ROUGE-L +0.20 [-1.10, +1.50]" in rows["BADIT scores above LoRA (rank 4, the paper's baseline)"]
     assert "one seed so far" in rows["BADIT interferes less than LoRAMoE (Forward)"]
     assert "Forward -3.00 [-5.00, -1.00]" in rows["BADIT interferes less than LoRAMoE (Forward)"]
+    assert "not measured yet" in rows[
+        "BADIT interferes less than LoRA (Forward, rank 4, the paper's baseline)"]
     assert rows["BADIT forgets less than LoRA (rank 32)"].endswith("| contradicted |")
     # the loss-based Forget: its own row, in nats with three digits, lower supports the claim
     loss = rows["BADIT forgets less than LoRA (rank 32), from the target loss"]

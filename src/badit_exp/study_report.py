@@ -650,6 +650,8 @@ CLAIMS = [
     ("mixed", "BADIT scores above LoRA (rank 4, the paper's baseline)", "badit", "lora", "rougeL", 1),
     ("mixed", "BADIT scores above LoRA at equal size (rank 32)", "badit", "lora_r32", "rougeL", 1),
     ("mixed", "BADIT scores above LoRAMoE", "badit", "loramoe", "rougeL", 1),
+    ("mixed", "BADIT interferes less than LoRA (Forward, rank 4, the paper's baseline)", "badit",
+     "lora", "forward", 1),
     ("mixed", "BADIT interferes less than LoRA (Forward, rank 32)", "badit", "lora_r32",
      "forward", 1),
     ("mixed", "BADIT interferes less than LoRAMoE (Forward)", "badit", "loramoe", "forward", 1),
