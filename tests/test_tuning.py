@@ -682,6 +682,12 @@ def test_claims_table_verdicts():
     assert "not measured yet" in rows["DOG helps (BADIT vs BADIT without DOG)"]  # sequential
     assert "ROUGE-L -3.20 [-6.50, -0.70]" in dog
     assert "interval excludes 0 but 1 of 3 seeds go the other way" in dog and "units" not in dog
+    # a verdict on fewer seeds than the study plans says so; a complete one does not
+    rows3 = {r.split(" | ")[1]: r for r in claims_table(study, {"mixed": 3, "sequential": 3})[2:]}
+    assert rows3["BADIT forgets less than LoRA (rank 32)"].endswith(
+        "| contradicted (on 2 of 3 seeds so far) |")
+    assert "so far" not in next(r for r in claims_table(study, {"mixed": 3})[2:]
+                                if r.startswith("| mixed | DOG helps"))
 
 
 def _front_run(method: str, lr: float, rouge: float, forget: float, noise: float = 1.0) -> dict:

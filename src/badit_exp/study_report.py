@@ -687,9 +687,10 @@ def _pair(pairs: Dict, a: str, b: str, metric: str) -> Optional[Tuple[float, flo
     return None
 
 
-def claims_table(study_out: Dict) -> List[str]:
+def claims_table(study_out: Dict, seeds: Optional[Dict[str, int]] = None) -> List[str]:
     """The README's claims table: each claim beside the measured difference, its interval and
-    the verdict; an unresolved one with the interval it would need."""
+    the verdict; an unresolved one with the interval it would need. ``seeds`` (mode -> the
+    study's seed count) marks a verdict that rests on fewer seeds than the study plans."""
     rows = ["| mode | the paper's claim | measured (a − b) [95% CI] | per seed | verdict |",
             "|---|---|---|---|---|"]
     for mode, claim, a, b, metric, better in CLAIMS:
@@ -724,6 +725,9 @@ def claims_table(study_out: Dict) -> List[str]:
                        "half-width below it, "
                        + (f"about {max(1.0, factor):.0f}x the units (seeds x test examples)"
                           if factor <= 100 else "over 100x the units: no affordable study"))
+        planned = (seeds or {}).get(mode, 0)
+        if len(per) < planned:  # a verdict that more of the study's seeds may still move
+            verdict += f" (on {len(per)} of {planned} seeds so far)"
         rows.append(f"| {mode} | {claim} | {name} {d:+{f}} [{lo:+{f}}, {hi:+{f}}] | "
                     + ", ".join(f"{z:+{f}}" for z in per) + f" | {verdict} |")
     return rows
@@ -840,7 +844,8 @@ def report(study) -> Dict:
                 "(`study_<mode>.md`): a claim is supported or contradicted only when the paired "
                 "95% interval excludes 0 and every seed agrees (Forget: lower is less "
                 "forgetting). Rates tuned on the hold-out, never on test.", ""]
-        table = claims_table(out["study"])
+        table = claims_table(out["study"], {m: len(study.study[m].seeds)
+                                            for m in out["study"] if study.study.get(m)})
         atomic_write_text(res / "claims.md", "\n".join(head + table) + "\n")
         print((res / "claims.md").read_text())
     atomic_write_json(res / "study.json", _clean(out))
