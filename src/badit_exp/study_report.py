@@ -656,6 +656,8 @@ CLAIMS = [
      "forward", 1),
     ("mixed", "BADIT interferes less than LoRAMoE (Forward)", "badit", "loramoe", "forward", 1),
     ("mixed", "DOG helps (BADIT vs BADIT without DOG)", "badit", "badit_wo_dog", "rougeL", 1),
+    ("mixed", "BAD helps (BADIT vs BADIT with LoRA-initialised experts)", "badit", "badit_wo_bad",
+     "rougeL", 1),
     ("mixed", "the SVD initialisation helps (PiSSA vs LoRA, rank 32)", "pissa_r32", "lora_r32",
      "rougeL", 1),
     ("sequential", "BADIT ends above LoRA (rank 32)", "badit", "lora_r32", "rougeL", 1),
@@ -844,7 +846,7 @@ def report(study) -> Dict:
                 "(`study_<mode>.md`): a claim is supported or contradicted only when the paired "
                 "95% interval excludes 0 and every seed agrees (Forget: lower is less "
                 "forgetting). Rates tuned on the hold-out, never on test.", ""]
-        table = claims_table(out["study"], {m: len(study.study[m].seeds)
+        table = claims_table(out["study"], {m: len(study.study[m].get("seeds") or [])
                                             for m in out["study"] if study.study.get(m)})
         atomic_write_text(res / "claims.md", "\n".join(head + table) + "\n")
         print((res / "claims.md").read_text())
