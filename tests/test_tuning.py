@@ -734,6 +734,25 @@ def test_frontier_statements_against_the_baselines_curve(tmp_path):
     assert "against that point" not in next(x for x in md.splitlines()
                                             if x.startswith("| same |"))
     assert "{baseline}" not in md and (tmp_path / "frontier_sequential.png").stat().st_size > 0
+    # the claims table reads the chosen rate's point: BADIT at equal plasticity
+    from types import SimpleNamespace
+
+    from badit_exp.study_report import claims_table
+
+    def claim(method, lr):
+        fr = frontier_table([r for r in runs if r["method"] in ("lora_r32", method)], tmp_path,
+                            choices={method: SimpleNamespace(lr=lr)})
+        for r in fr["at_choice"].values():
+            r["diff"] = [float(x) for x in r["diff"]]
+        fr["at_choice"] = {"badit": fr["at_choice"][method]}
+        return next(x for x in claims_table({}, frontier=fr) if "equal plasticity" in x)
+    row = claim("good", 1e-4)
+    assert "| final ROUGE-L − lora_r32's curve at badit's Forget (hold-out, 1e-4) +8." in row
+    assert row.endswith("| supported on the hold-out (seed 1; the spread over seeds is unknown) |")
+    assert "unresolved: within the noise of lora_r32's curve" in claim("same", 1e-4)
+    assert "contradicted on the hold-out" in claim("weak", 1e-3)
+    assert "unresolved: it forgets less than every lora_r32 point" in claim("weak", 1e-4)
+    assert "not measured yet" in next(x for x in claims_table({}) if "equal plasticity" in x)
 
 
 def test_status_estimates_the_runs_left_from_the_committed_runs_timings(tmp_path, capsys):

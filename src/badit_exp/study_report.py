@@ -551,6 +551,7 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
         pts[m].sort()
     base = pts.get(baseline)
     verdicts: Dict[str, List[str]] = {}
+    at_choice: Dict[str, Dict] = {}  # the chosen rate's point against the curve, per method
     left: Dict[str, List[bool]] = {}  # per point left of the curve: Forget measurably less?
     rows = []
     for m, ps in pts.items():
@@ -579,6 +580,8 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
                     left.setdefault(m, []).append(gapf.endswith(": measurably less"))
                 verdicts.setdefault(m, []).append(verdict)
             chosen = choices.get(m).lr if choices and m in choices else None
+            if note and chosen == lr:
+                at_choice[m] = {"lr": lr, "diff": [gap, lo, hi], "verdict": verdict}
             rows.append(f"| {m} | {T.fmt_lr(lr)}{' (chosen)' if chosen == lr else ''} | "
                         f"{rg:.2f} | {fg:+.3f} | {note} |")
     what = ("Forget (loss): mean over t < T of l_{T,t} − min_{i<T} l_{i,t}, nats (the rows "
@@ -623,7 +626,7 @@ def frontier_table(runs: Sequence[Dict], out_dir: Path, baseline: str = "lora_r3
                       "Forget (loss, nats)" if use_loss else "Forget (ROUGE-L)")
     return {"metric": "loss" if use_loss else "rougeL",
             "points": {m: [[lr, fg, rg] for lr, fg, rg, _ in ps] for m, ps in pts.items()},
-            "verdicts": verdicts}
+            "verdicts": verdicts, "baseline": baseline, "at_choice": at_choice}
 
 
 def _cl_pair(runs_a: Sequence[Dict], runs_b: Sequence[Dict], metric: str) -> Optional[Dict]:
@@ -668,6 +671,9 @@ CLAIMS = [
      "lora_r32", "loss_forget", -1),
     ("sequential", "BADIT forgets less than LoRAMoE, from the target loss", "badit", "loramoe",
      "loss_forget", -1),
+    ("sequential", "BADIT forgets less than LoRA (rank 32) at equal plasticity (the hold-out "
+     "frontier: more final score than LoRA's curve at BADIT's Forget)", "badit", "lora_r32",
+     "frontier", 1),
     ("sequential", "DOG helps (BADIT vs BADIT without DOG)", "badit", "badit_wo_dog", "rougeL", 1),
 ]
 
@@ -689,13 +695,38 @@ def _pair(pairs: Dict, a: str, b: str, metric: str) -> Optional[Tuple[float, flo
     return None
 
 
-def claims_table(study_out: Dict, seeds: Optional[Dict[str, int]] = None) -> List[str]:
+def _frontier_claim(claim: str, a: str, b: str, frontier: Optional[Dict]) -> str:
+    """A claims-table row from the frontier: method a's point at its chosen rate against b's
+    curve (one seed's hold-out runs, so no verdict about the spread over seeds)."""
+    got = (frontier or {}).get("at_choice", {}).get(a)
+    if got is None or frontier.get("baseline") != b:
+        return f"| sequential | {claim} | not measured yet ({a} against {b}'s frontier) | | — |"
+    d, lo, hi = got["diff"]
+    forget = "Forget (loss)" if frontier.get("metric") == "loss" else "Forget"
+    verdict = {
+        "above": "supported on the hold-out (seed 1; the spread over seeds is unknown)",
+        "below": "contradicted on the hold-out (seed 1; the spread over seeds is unknown)",
+        "within the noise": f"unresolved: within the noise of {b}'s curve (one seed's hold-out "
+                            "runs; `frontier_sequential.md`)",
+        "outside": f"unresolved: it forgets less than every {b} point, so no point of the curve "
+                   "has its Forget (`frontier_sequential.md`)"}[got["verdict"]]
+    return (f"| sequential | {claim} | final ROUGE-L − {b}'s curve at {a}'s {forget} "
+            f"(hold-out, {T.fmt_lr(got['lr'])}) {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {d:+.2f} | "
+            f"{verdict} |")
+
+
+def claims_table(study_out: Dict, seeds: Optional[Dict[str, int]] = None,
+                 frontier: Optional[Dict] = None) -> List[str]:
     """The README's claims table: each claim beside the measured difference, its interval and
     the verdict; an unresolved one with the interval it would need. ``seeds`` (mode -> the
-    study's seed count) marks a verdict that rests on fewer seeds than the study plans."""
+    study's seed count) marks a verdict that rests on fewer seeds than the study plans;
+    ``frontier`` (``frontier_table``'s output) answers the claim at equal plasticity."""
     rows = ["| mode | the paper's claim | measured (a − b) [95% CI] | per seed | verdict |",
             "|---|---|---|---|---|"]
     for mode, claim, a, b, metric, better in CLAIMS:
+        if metric == "frontier":
+            rows.append(_frontier_claim(claim, a, b, frontier))
+            continue
         pairs = (study_out.get(mode) or {}).get("pairs", {})
         got = _pair(pairs, a, b, metric)
         name = {"rougeL": "ROUGE-L", "forward": "Forward", "forget": "Forget",
@@ -847,7 +878,8 @@ def report(study) -> Dict:
                 "95% interval excludes 0 and every seed agrees (Forget: lower is less "
                 "forgetting). Rates tuned on the hold-out, never on test.", ""]
         table = claims_table(out["study"], {m: len(study.study[m].get("seeds") or [])
-                                            for m in out["study"] if study.study.get(m)})
+                                            for m in out["study"] if study.study.get(m)},
+                             out.get("frontier"))
         atomic_write_text(res / "claims.md", "\n".join(head + table) + "\n")
         print((res / "claims.md").read_text())
     atomic_write_json(res / "study.json", _clean(out))
