@@ -343,12 +343,12 @@ def test_plan_of_a_study_without_a_gpu_reference_says_so_instead_of_nan(capsys, 
     assert "study status" in out
 
 
-@SLOW  # composes all 207 runs and tokenises the data (a few minutes)
+@SLOW  # composes all 216 runs and tokenises the data (a few minutes)
 def test_the_gpu_study_plan_prints_every_run_validated_with_its_cost(capsys):
     study = S.load_study("study_gpu_qwen3_4b")
     runs, facts = S.build_plan(study, ["mixed", "sequential"])
-    # 16 mixed and 7 sequential methods: a 3-point grid each, then 3 seeds of test and single runs
-    assert len(runs) == 3 * 16 + 3 * 7 + 2 * 3 * (16 + 7)
+    # 17 mixed and 7 sequential methods: a 3-point grid each, then 3 seeds of test and single runs
+    assert len(runs) == 3 * 17 + 3 * 7 + 2 * 3 * (17 + 7)
     assert all(r.gpus == 8 and r.gpu_hours > 0 for r in runs)
     assert facts["reference"]["device"] == "NVIDIA H200"
     assert S.plan(study, ["mixed"], ["lora", "badit"]) == 0
