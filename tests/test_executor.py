@@ -394,3 +394,51 @@ def test_study_lanes_script_runs_each_lanes_steps_in_order(tmp_path):
     assert lane1 == [f"1 {study} sequential --workers 1 --methods a,b",
                      f"1 {study} mixed --workers 1 --methods c"]
     assert f"1 {study} mixed --workers 1 --methods d" in got
+
+
+def test_study_lanes_script_changes_one_lane_while_the_others_go_on(tmp_path):
+    """--lane N stops lane N's old controller and starts the edited lane N, leaving the
+    other lanes alone; a plain start refuses to double a lane that still runs."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / "study_lanes.sh"
+    shutil.copy(root / "scripts" / "study_lanes.sh", script)
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "fakepy"  # a controller of methods "slow" runs until it is killed
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then echo res; exit 0; fi\n'
+                    f'echo "$*" >> {calls}\n'
+                    f'case "$*" in *"--methods slow"*) exec sleep 60 ;; esac\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake))
+    lanes = tmp_path / "outputs" / "lanes"
+
+    def run(*args):
+        return subprocess.run(["bash", str(script), *args], env=env, capture_output=True,
+                              text=True)
+
+    def wait_for(cond):
+        for _ in range(200):
+            if cond():
+                return True
+            time.sleep(0.05)
+        return False
+
+    assert run("mixed:a", "mixed:slow").returncode == 0
+    assert wait_for(lambda: calls.is_file() and "--methods slow" in calls.read_text())
+    lane2 = int((lanes / "lane2.pid").read_text())
+    controller = subprocess.run(["pgrep", "-P", str(lane2)], capture_output=True,
+                                text=True).stdout.split()
+    assert len(controller) == 1  # the lane's running `study all` (here: sleep)
+    again = run("mixed:a", "mixed:slow")  # lane 2 still runs: refused, nothing doubled
+    assert again.returncode == 2 and "lane 2" in again.stderr and "--lane 2" in again.stderr
+    assert run("--lane", "3", "mixed:a", "mixed:b").returncode == 2
+    ok = run("--lane", "2", "mixed:a", "mixed:b")
+    assert ok.returncode == 0, ok.stderr
+    assert "lane 2: stopped its old controller" in ok.stdout and "lane 1" not in ok.stdout
+    assert wait_for(lambda: "done" in (lanes / "lane2.log").read_text())
+    got = calls.read_text().splitlines()
+    assert sum("--methods a" in g for g in got) == 1  # lane 1 was not started again
+    assert any("--methods b" in g for g in got)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{controller[0]}"))  # stopped, not left
