@@ -800,3 +800,28 @@ def test_collect_keeps_the_tables_files_and_the_small_diagnostics(tmp_path):
     assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == [
         "examples.jsonl", "gate_table.json", "metrics.json", "scores.csv", "train_log.jsonl"]
     assert json.loads((tmp_path / "dest" / "examples.jsonl").read_text())["loss"] == 1.5
+
+
+def test_agreement_table_counts_identical_predictions_at_the_same_seed(tmp_path):
+    """Off the diagonal: two methods at the same seed, mean over shared seeds of the share of
+    identical predictions; on it: a method against itself over its seed pairs."""
+    from badit_exp.study_report import agreement_table
+
+    def run(method, seed, texts):
+        return {"split": "test", "mode": "mixed", "method": method, "seed": seed,
+                "predictions": {("t0", f"e{i}"): t for i, t in enumerate(texts)}}
+
+    runs = [run("a", 1, "pqrs"), run("a", 2, "pqxx"),  # a vs itself: 2 of 4 -> 50
+            run("b", 1, "pqry"), run("b", 2, "pqxy"),  # a-b: 3/4 at each seed; b-b: 3/4
+            run("c", 1, "zzzs"),                       # a-c: 1/4 (seed 1 only); b-c: 0
+            run("d", 1, "pqrs") | {"split": "holdout"}]  # not a test run: left out
+    out = agreement_table(runs, "mixed", ["a", "b", "c"], tmp_path)
+    assert out["methods"] == ["a", "b", "c"] and out["seeds"]["c"] == [1]
+    A = out["matrix"]
+    assert A[0] == [50.0, 75.0, 25.0] and A[1] == [75.0, 75.0, 0.0]
+    assert A[2] == [25.0, 0.0, None]  # one seed: no reseed reference
+    md = (tmp_path / "agreement_mixed.md").read_text()
+    assert "| a | 2 | 50.0 | b (75.0) | c (25.0) |" in md
+    assert "| c | 1 | n/a | a (25.0) | b (0.0) |" in md
+    assert (tmp_path / "agreement_mixed.png").stat().st_size > 1000
+    assert agreement_table(runs[:2], "mixed", ["a"], tmp_path) is None  # one method

@@ -69,6 +69,26 @@ def heatmap(path: Path, stages: Sequence[str], tasks: Sequence[str], A, title: s
     _save(fig, path)
 
 
+def agreement(path: Path, methods: Sequence[str], A, title: str) -> None:
+    """Method x method matrix of agreement percentages (NaN: no shared seed), value in each
+    cell; the diagonal (a method against itself over seeds) framed."""
+    n = len(methods)
+    A = np.asarray(A, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(5, 0.55 * n + 2.5), max(4, 0.5 * n + 1.5)))
+    im = ax.imshow(np.ma.masked_invalid(A), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    for i in range(n):
+        for j in range(n):
+            if np.isfinite(A[i, j]):
+                ax.text(j, i, f"{A[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if A[i, j] < 60 else "black")
+        ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="red"))
+    ax.set_xticks(range(n), list(methods), rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), list(methods), fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03, label="% identical predictions")
+    _save(fig, path)
+
+
 def latex_matrix(stages: Sequence[str], tasks: Sequence[str], A) -> str:
     """A LaTeX tabular of the matrix (booktabs)."""
     head = " & ".join(["stage"] + [_short(t).replace("_", r"\_") for t in tasks])

@@ -70,19 +70,22 @@ def collect(run_dir: Path, dest: Path) -> None:
 
 def load_runs(results_dir: Path) -> List[Dict]:
     """Every collected run's metrics plus ``units`` {(seed, task, id): rougeL}, ``loss_units``
-    (same keys, target loss), ``split`` (holdout | test) and ``lr``."""
+    (same keys, target loss), ``predictions`` {(task, id): generated text}, ``split``
+    (holdout | test) and ``lr``."""
     out = []
     for m in sorted((Path(results_dir) / "runs").glob("*/metrics.json")):
         met = json.loads(m.read_text())
-        units, loss_units = {}, {}
+        units, loss_units, preds = {}, {}, {}
         ex = m.parent / "examples.jsonl"
         for line in ex.read_text().splitlines() if ex.exists() else []:
             r = json.loads(line)
             key = (met["seed"], r["task"], r["id"])
             units[key] = r["rougeL"]
+            preds[(r["task"], r["id"])] = r.get("prediction")
             if r.get("loss") is not None:
                 loss_units[key] = r["loss"]
         met["units"], met["loss_units"] = units, loss_units
+        met["predictions"] = preds
         met["forget_units"], met["backward_units"] = _cl_units(met)
         met["loss_forget_units"], met["loss_backward_units"] = _loss_cl_units(met)
         met["split"] = "holdout" if met.get("eval_split") == "holdout" else "test"
@@ -430,6 +433,73 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
         panels, f"tuned study, {mode}: each method at its own rate ({len(mine)} runs)",
         [family.get(m, "other") for m in order] if families else None)
     return {"rows": data, "pairs": pair_data}
+
+
+def agreement_table(runs: Sequence[Dict], mode: str, order: Sequence[str],
+                    out_dir: Path) -> Optional[Dict]:
+    """``agreement_<mode>.md`` and ``.png``: how often two methods generate the very same text
+    for a test example. Off the diagonal: two methods at the same seed (the same data order and
+    sample), the share of their shared test examples with identical predictions, averaged over
+    their shared seeds; on it: one method against itself over each pair of its seeds. A score
+    says how good the outputs are, this says whether two methods learned the same thing (e.g.
+    an ablation that generates like another method is, in effect, that method). None: fewer
+    than two methods with predictions."""
+    preds: Dict[Tuple[str, int], Dict] = {}
+    for r in runs:
+        if r["split"] == "test" and r["mode"] == mode and r.get("predictions"):
+            preds[(r["method"], r["seed"])] = r["predictions"]
+    methods = [m for m in order if any(k[0] == m for k in preds)]
+    if len(methods) < 2:
+        return None
+    seeds = {m: sorted(s for (x, s) in preds if x == m) for m in methods}
+
+    def same(p: Dict, q: Dict) -> Optional[float]:
+        ids = [i for i in p if i in q and p[i] is not None and q[i] is not None]
+        return 100.0 * sum(p[i] == q[i] for i in ids) / len(ids) if ids else None
+
+    A = np.full((len(methods), len(methods)), np.nan)
+    for i, a in enumerate(methods):
+        for j, b in enumerate(methods):
+            if a == b:
+                vals = [same(preds[(a, s)], preds[(a, t)])
+                        for k, s in enumerate(seeds[a]) for t in seeds[a][k + 1:]]
+            else:
+                vals = [same(preds[(a, s)], preds[(b, s)]) for s in seeds[a] if s in seeds[b]]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                A[i, j] = float(np.mean(vals))
+    rows = []
+    for i, m in enumerate(methods):
+        others = [(A[i, j], methods[j]) for j in range(len(methods))
+                  if j != i and np.isfinite(A[i, j])]
+        near = max(others) if others else None
+        far = min(others) if others else None
+        rows.append(f"| {m} | {len(seeds[m])} | " + (f"{A[i, i]:.1f}" if np.isfinite(A[i, i])
+                                                      else "n/a") + " | "
+                    + (f"{near[1]} ({near[0]:.1f})" if near else "n/a") + " | "
+                    + (f"{far[1]} ({far[0]:.1f})" if far else "n/a") + " |")
+
+    def cell(v: float) -> str:
+        return f"{v:.0f}" if np.isfinite(v) else ""
+
+    lines = [f"# Prediction agreement, {mode} training (test split)", "",
+             "Share (%) of test examples on which two runs generate the identical text. "
+             "Between two methods: at the same seed (the same training order and sample), "
+             "averaged over their shared seeds; a method against itself: over each pair of its "
+             "seeds, the reference for how much a reseed alone changes. Built by "
+             "`python -m badit_exp.study report` from the committed `examples.jsonl`.", "",
+             "| method | seeds | itself, across seeds | most like (same seed) | least like |",
+             "|---|---|---|---|---|", *rows, "",
+             "| | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|",
+             *[f"| {m} | " + " | ".join(cell(v) for v in A[i]) + " |"
+               for i, m in enumerate(methods)], ""]
+    atomic_write_text(out_dir / f"agreement_{mode}.md", "\n".join(lines))
+    plotting.agreement(out_dir / f"agreement_{mode}.png", methods, A,
+                       f"identical test predictions (%), {mode}: same seed off the diagonal, "
+                       "across seeds on it")
+    return {"methods": methods, "seeds": seeds,
+            "matrix": [[None if not np.isfinite(v) else round(float(v), 2) for v in row]
+                       for row in A]}
 
 
 def _loss_verdict(cl: Dict) -> str:
@@ -867,6 +937,9 @@ def report(study) -> Dict:
         if s:
             out["study"][mode] = s
             print((res / f"study_{mode}.md").read_text())
+            a = agreement_table(runs, mode, list(s["rows"]), res)
+            if a:
+                out.setdefault("agreement", {})[mode] = a
     fr = frontier_table(runs, res, choices=choices_from(runs, "sequential"))
     if fr:
         out["frontier"] = fr
