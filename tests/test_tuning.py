@@ -305,6 +305,37 @@ def test_report_from_hand_made_run_dirs(tmp_path):
     assert json.loads((tmp_path / "study.json").read_text())["study"]["mixed"]["rows"]["lora"]
 
 
+def test_the_study_table_says_which_planned_runs_it_still_lacks(tmp_path):
+    """Against the plan (methods x seeds, each test run with a single-task run for Forward):
+    a missing test run, and a test run whose single-task run is missing or at another rate."""
+    from badit_exp.study_report import report
+
+    def fill(runs):
+        for split_mode, method, lr, seed in runs:
+            _fake_run(tmp_path, "test", split_mode, method, lr, seed, [20.0 + seed] * 30, 1.5)
+
+    fill([("mixed", "lora_r32", 1e-3, 1), ("mixed", "lora_r32", 1e-3, 2),
+          ("single", "lora_r32", 1e-3, 1), ("single", "lora_r32", 3e-3, 2),  # 3e-3: not its rate
+          ("mixed", "badit", 1e-4, 1)])
+    study = OmegaConf.create({"results_dir": str(tmp_path), "baselines": ["lora_r32"],
+                              "study": {"mixed": {"methods": ["lora_r32", "badit", "lora"],
+                                                  "seeds": [1, 2, 3]}}})
+    out = report(study)["study"]["mixed"]
+    assert out["missing"] == {"test": {"lora_r32": [3], "badit": [2, 3], "lora": [1, 2, 3]},
+                              "single": {"lora_r32": [2, 3], "badit": [1, 2, 3],
+                                         "lora": [1, 2, 3]}}
+    md = (tmp_path / "study_mixed.md").read_text()
+    assert ("test runs: lora_r32 (seed 3); badit (seeds 2, 3); lora (seeds 1, 2, 3). "
+            "single-task runs, so no Forward yet: lora_r32 (seeds 2, 3);") in md
+    fill([(mode, m, lr, s) for m, lr in (("lora_r32", 1e-3), ("badit", 1e-4), ("lora", 3e-3))
+          for s in (1, 2, 3) for mode in ("mixed", "single")])
+    assert report(study)["study"]["mixed"]["missing"] == {"test": {}, "single": {}}
+    assert "Every planned run is in this table" in (tmp_path / "study_mixed.md").read_text()
+    study.study.mixed.forward = False  # no single-task runs planned: none is missing
+    (tmp_path / "runs" / "test-mixed-lora-lr3e-3-seed3").rename(tmp_path / "gone")
+    assert report(study)["study"]["mixed"]["missing"] == {"test": {"lora": [3]}, "single": {}}
+
+
 def test_report_rewrites_the_docs_tables_from_the_results(tmp_path):
     """A document's ``table:<study>/<file>#<n>`` block is rewritten from the report's file
     (optionally only some columns), so docs cannot drift from the results; other studies'

@@ -255,11 +255,53 @@ def tune_table(runs: Sequence[Dict], mode: str, out_dir: Path) -> Optional[Dict]
                 "lr_by_target_loss": c.by_loss} for m, c in choices.items()}
 
 
+def _seeds(seeds: Sequence[int]) -> str:
+    return f"seed{'s' if len(seeds) != 1 else ''} " + ", ".join(str(s) for s in seeds)
+
+
+def missing_runs(by: Dict[str, List[Dict]], methods: Sequence[str], seeds: Sequence[int],
+                 forward: bool) -> Dict[str, Dict[str, List[int]]]:
+    """What the study's plan (``methods`` x ``seeds``, plus each test run's single-task
+    counterpart when ``forward``) still lacks: {"test": {method: [seeds]}, "single": {method:
+    [seeds]}}, where "single" lists the seeds whose Forward is missing (no single-task run at the
+    test run's rate and seed, or no test run yet)."""
+    out: Dict[str, Dict[str, List[int]]] = {"test": {}, "single": {}}
+    for m in methods:
+        have = {r["seed"]: r for r in by.get(m, [])}
+        if [s for s in seeds if s not in have]:
+            out["test"][m] = [s for s in seeds if s not in have]
+        if forward:
+            no_fw = [s for s in seeds if s not in have or not have[s]["forward_units"]]
+            if no_fw:
+                out["single"][m] = no_fw
+    return out
+
+
+def _missing_line(miss: Dict[str, Dict[str, List[int]]], n_methods: int, seeds: Sequence[int],
+                  forward: bool) -> str:
+    plan = (f"the plan: {n_methods} methods x {_seeds(seeds)}"
+            + (", each test run with its single-task runs for Forward" if forward else ""))
+    if not miss["test"] and not miss["single"]:
+        return f"Every planned run is in this table ({plan})."
+    parts = []
+    if miss["test"]:
+        parts.append("test runs: " + "; ".join(f"{m} ({_seeds(s)})"
+                                                for m, s in miss["test"].items()))
+    if miss["single"]:
+        parts.append("single-task runs, so no Forward yet: " + "; ".join(
+            f"{m} ({_seeds(s)})" for m, s in miss["single"].items()))
+    return (f"**Not in this table yet** ({plan}; `python -m badit_exp.study status` lists the "
+            "queue and its cost): " + ". ".join(parts) + ".")
+
+
 def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
                 baselines: Sequence[str], out_dir: Path,
-                families: Optional[Dict[str, Sequence[str]]] = None) -> Optional[Dict]:
+                families: Optional[Dict[str, Sequence[str]]] = None,
+                seeds: Optional[Sequence[int]] = None, forward: bool = False) -> Optional[Dict]:
     """``study_<mode>.md``: the tuned study's rows and paired intervals (None: no runs); rows
-    grouped by ``families`` ({family: [methods]}, in that order) when given."""
+    grouped by ``families`` ({family: [methods]}, in that order) when given. With the plan's
+    ``seeds`` (and ``forward``: single-task runs planned), the table also says which planned
+    runs it still lacks."""
     mine = [r for r in runs if r["split"] == "test" and r["mode"] == mode]
     if not mine:
         return None
@@ -372,6 +414,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
             cells.append("—" if m == first else "n/a" if p is None else
                          "{:+.2f} [{:+.2f}, {:+.2f}]".format(*p["rougeL"]))
     rows = ["| " + " | ".join(cells) + " |" for cells in rows]
+    miss = missing_runs(by, methods, seeds, forward) if seeds else None
     n_test = "/".join(str(n) for n in sorted({len(r["units"]) for r in mine}))
     budget = mine[0]["config"]
     dcfg, tcfg = budget["data"], budget["trainer"]
@@ -384,6 +427,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
              f"hold-out); test: {n_test} examples per run (up to {dcfg['max_eval_per_task']} per "
              "task). ROUGE-L is the mean over tasks; ± is the sample std over seeds ('?' for "
              "one seed).", "", head, "|---" * (head.count("|") - 1) + "|", *rows, "",
+             *([_missing_line(miss, len(methods), seeds, forward), ""] if miss else []),
              "Paired differences (method − baseline) over the same (seed, test example) units, "
              "95% paired bootstrap interval (scipy.stats.bootstrap, BCa, 9999 resamples; each "
              "unit weighted 1 / its (seed, task)'s count, so the difference is that of the "
@@ -432,7 +476,7 @@ def study_table(runs: Sequence[Dict], mode: str, methods: Sequence[str],
         [(m, "/".join(T.fmt_lr(x) for x in data[m]["lr"]), data[m]["rouge"]) for m in order],
         panels, f"tuned study, {mode}: each method at its own rate ({len(mine)} runs)",
         [family.get(m, "other") for m in order] if families else None)
-    return {"rows": data, "pairs": pair_data}
+    return {"rows": data, "pairs": pair_data, **({"missing": miss} if miss else {})}
 
 
 def agreement_table(runs: Sequence[Dict], mode: str, order: Sequence[str],
@@ -933,7 +977,9 @@ def report(study) -> Dict:
         spec = study.study.get(mode)
         fams = study.get("families")
         s = study_table(runs, mode, list(spec.methods) if spec else [], list(study.baselines),
-                        res, {k: list(v) for k, v in fams.items()} if fams else None)
+                        res, {k: list(v) for k, v in fams.items()} if fams else None,
+                        seeds=list(spec.get("seeds") or []) if spec else None,
+                        forward=bool(spec.get("forward", True)) if spec else False)
         if s:
             out["study"][mode] = s
             print((res / f"study_{mode}.md").read_text())
