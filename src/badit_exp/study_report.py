@@ -268,8 +268,9 @@ def missing_runs(by: Dict[str, List[Dict]], methods: Sequence[str], seeds: Seque
     out: Dict[str, Dict[str, List[int]]] = {"test": {}, "single": {}}
     for m in methods:
         have = {r["seed"]: r for r in by.get(m, [])}
-        if [s for s in seeds if s not in have]:
-            out["test"][m] = [s for s in seeds if s not in have]
+        lacking = [s for s in seeds if s not in have]
+        if lacking:
+            out["test"][m] = lacking
         if forward:
             no_fw = [s for s in seeds if s not in have or not have[s]["forward_units"]]
             if no_fw:
